@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The one test command of the project: formatting, lints and all tests (unit + integration).
+# Integration tests use a real identity provider (tests/idp, Node.js) and real Azure SDK clients
+# (tests/clients, Python venv in .venv-test); both are installed here on first use and reused after.
+#
+# Usage: scripts/test.sh [ARGS...]    ARGS are passed to `cargo test` (e.g. a test-name filter).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+banner() {
+    printf '\n==> %s\n' "$*"
+}
+
+die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---- prerequisites ---------------------------------------------------------------------------
+banner "Checking prerequisites"
+command -v cargo >/dev/null 2>&1 \
+    || die "cargo is required to build and test tokend: install Rust from https://rustup.rs (or apt-get install cargo)"
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
+    || die "node and npm are required for the test IdP: apt-get install nodejs npm"
+command -v python3 >/dev/null 2>&1 \
+    || die "python3 is required for the Azure SDK test clients: apt-get install python3 python3-venv"
+
+# ---- test identity provider (npm) --------------------------------------------------------------
+IDP_DIR=tests/idp
+if [[ ! -f $IDP_DIR/node_modules/.package-lock.json || $IDP_DIR/package-lock.json -nt $IDP_DIR/node_modules/.package-lock.json ]]; then
+    banner "Installing the test IdP's npm dependencies ($IDP_DIR)"
+    npm ci --prefix "$IDP_DIR" --no-audit --no-fund
+else
+    echo "test IdP dependencies are up to date ($IDP_DIR/node_modules)"
+fi
+
+# ---- Azure SDK clients (Python venv) -----------------------------------------------------------
+VENV=.venv-test
+LOCK=tests/clients/requirements.lock
+STAMP=$VENV/.installed
+if [[ ! -x $VENV/bin/python || ! -f $STAMP || $LOCK -nt $STAMP ]]; then
+    banner "Installing the Azure SDK test clients into $VENV ($LOCK)"
+    if [[ ! -x $VENV/bin/python ]]; then
+        rm -rf "$VENV"
+        if ! python3 -m venv "$VENV"; then
+            rm -rf "$VENV"
+            die "'python3 -m venv' failed: install the venv module (Debian/Ubuntu: apt-get install python3-venv)"
+        fi
+    fi
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$LOCK"
+    touch "$STAMP"
+else
+    echo "Azure SDK test clients are up to date ($VENV)"
+fi
+
+export TOKEND_TEST_PYTHON=$ROOT/$VENV/bin/python
+export TOKEND_TEST_IDP_DIR=$ROOT/$IDP_DIR
+
+# ---- Rust ----------------------------------------------------------------------------------------
+banner "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+banner "cargo clippy --all-targets --locked -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+banner "cargo test --locked --all-targets $*"
+cargo test --locked --all-targets "$@"
+
+banner "All checks passed"

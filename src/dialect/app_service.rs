@@ -1,0 +1,47 @@
+//! The App Service dialect: `GET /msi/token` with `X-IDENTITY-HEADER: <secret>` (what
+//! `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` point clients at). `Metadata` is not required (Go omits it).
+
+use std::sync::Arc;
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+
+use super::{Dialect, RequestError, answer, check_api_version, parse_query};
+use crate::broker::Broker;
+
+/// The path `IDENTITY_ENDPOINT` names.
+pub const PATH: &str = "/msi/token";
+/// Oldest api-version accepted (the one that uses `X-IDENTITY-HEADER`).
+pub const MIN_API_VERSION: &str = "2019-08-01";
+/// The header carrying the secret.
+pub const HEADER: &str = "x-identity-header";
+
+/// The handler.
+pub async fn token(State(broker): State<Arc<Broker>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    match handle(&broker, &headers, query.as_deref()).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(Dialect::AppService),
+    }
+}
+
+async fn handle(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<Response, RequestError> {
+    let unauthorized = |description: &str| RequestError {
+        status: StatusCode::UNAUTHORIZED,
+        code: "unauthorized",
+        description: description.to_owned(),
+        retry_after: None,
+    };
+    let mut presented = headers.get_all(HEADER).iter();
+    match (presented.next(), presented.next()) {
+        (None, _) => return Err(unauthorized("header X-IDENTITY-HEADER is missing")),
+        (Some(_), Some(_)) => return Err(unauthorized("header X-IDENTITY-HEADER is given more than once")),
+        (Some(v), None) if !broker.identity_header_matches(v.as_bytes()) => {
+            return Err(unauthorized("header X-IDENTITY-HEADER does not match IDENTITY_HEADER"));
+        }
+        (Some(_), None) => {}
+    }
+    let q = parse_query(query)?;
+    check_api_version(q.api_version.as_deref(), MIN_API_VERSION)?;
+    answer(broker, Dialect::AppService, q).await
+}

@@ -1,0 +1,40 @@
+//! The IMDS dialect: `GET /metadata/identity/oauth2/token` with `Metadata: true`.
+
+use std::sync::Arc;
+
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+
+use super::{Dialect, RequestError, answer, check_api_version, header_str, parse_query};
+use crate::broker::Broker;
+
+/// The path every IMDS client calls.
+pub const PATH: &str = "/metadata/identity/oauth2/token";
+/// Oldest api-version accepted.
+pub const MIN_API_VERSION: &str = "2018-02-01";
+
+/// The handler. A request without `Metadata: true` (DefaultAzureCredential's probe) gets IMDS's 400 at
+/// once; so does one that a proxy forwarded (IMDS's SSRF rule).
+pub async fn token(State(broker): State<Arc<Broker>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    match handle(&broker, &headers, query.as_deref()).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(Dialect::Imds),
+    }
+}
+
+async fn handle(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<Response, RequestError> {
+    if !header_str(headers, "metadata").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Err(RequestError::bad_request("Required metadata header not specified"));
+    }
+    for h in ["x-forwarded-for", "forwarded"] {
+        if headers.contains_key(h) {
+            return Err(RequestError::bad_request(format!(
+                "header {h} is not allowed: the metadata endpoint does not accept proxied requests"
+            )));
+        }
+    }
+    let q = parse_query(query)?;
+    check_api_version(q.api_version.as_deref(), MIN_API_VERSION)?;
+    answer(broker, Dialect::Imds, q).await
+}

@@ -1,0 +1,305 @@
+//! The managed-identity wire formats. Only this module (and its children) knows them.
+//!
+//! - [`imds`]: `GET /metadata/identity/oauth2/token` (Azure VM metadata service).
+//! - [`app_service`]: `GET /msi/token` (App Service, `IDENTITY_ENDPOINT` + `X-IDENTITY-HEADER`).
+//!
+//! Both share the query grammar, the success body (every number a string of digits, `expires_in` the
+//! seconds *remaining*) and the mapping from [`TokenError`] to a status code; they differ in the guard
+//! headers and in the error body's shape.
+
+pub mod app_service;
+pub mod imds;
+
+use std::time::SystemTime;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::broker::Broker;
+use crate::identity::Selector;
+use crate::resource::Resource;
+use crate::token::{TokenError, unix_secs};
+
+/// Which dialect answers: decides the error body's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `{"error": .., "error_description": ..}`
+    Imds,
+    /// `{"statusCode": .., "message": .., "correlationId": ..}`
+    AppService,
+}
+
+impl Dialect {
+    /// The dialect whose error shape fits a request path (App Service under `/msi/`, IMDS elsewhere).
+    pub fn for_path(path: &str) -> Self {
+        if path.starts_with("/msi/") { Self::AppService } else { Self::Imds }
+    }
+}
+
+/// An error answered to a caller: status, OAuth-style code, human description naming what is at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Short code (`invalid_request`, ...), used in the IMDS shape.
+    pub code: &'static str,
+    /// Description; names the header or parameter at fault. Never a secret.
+    pub description: String,
+    /// Seconds for `Retry-After` (503 only).
+    pub retry_after: Option<u64>,
+}
+
+impl RequestError {
+    /// A 400 `invalid_request`.
+    pub fn bad_request(description: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, code: "invalid_request", description: description.into(), retry_after: None }
+    }
+
+    /// Renders the error in `dialect`'s shape.
+    pub fn into_response(self, dialect: Dialect) -> Response {
+        let body = match dialect {
+            Dialect::Imds => serde_json::json!({ "error": self.code, "error_description": self.description }),
+            Dialect::AppService => serde_json::json!({
+                "statusCode": self.status.as_u16(),
+                "message": self.description,
+                "correlationId": uuid::Uuid::new_v4().to_string(),
+            }),
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+}
+
+impl From<TokenError> for RequestError {
+    fn from(e: TokenError) -> Self {
+        let description = e.to_string();
+        match e {
+            TokenError::Unavailable { retry_after, .. } => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "temporarily_unavailable",
+                description,
+                // Integer seconds, rounded up, at least 1.
+                retry_after: Some((retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1)),
+            },
+            TokenError::CredentialRejected { .. } => {
+                Self { status: StatusCode::INTERNAL_SERVER_ERROR, code: "invalid_client", description, retry_after: None }
+            }
+            TokenError::BadResource { .. } => {
+                Self { status: StatusCode::BAD_REQUEST, code: "invalid_resource", description, retry_after: None }
+            }
+            TokenError::Failed { .. } => {
+                Self { status: StatusCode::INTERNAL_SERVER_ERROR, code: "upstream_error", description, retry_after: None }
+            }
+        }
+    }
+}
+
+/// The parameters of a token request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenQuery {
+    /// `api-version`
+    pub api_version: Option<String>,
+    /// `resource`, decoded, as the caller spelt it.
+    pub resource: Option<String>,
+    /// At most one identity selector.
+    pub selector: Option<Selector>,
+}
+
+const SELECTORS: &str = "client_id, object_id, principal_id, msi_res_id, mi_res_id";
+
+/// Parses a query string: rejects duplicates, bad percent-encoding and conflicting selectors; ignores
+/// parameters it does not know (clients add their own).
+pub fn parse_query(raw: Option<&str>) -> Result<TokenQuery, RequestError> {
+    let mut q = TokenQuery::default();
+    let mut seen: Vec<String> = Vec::new();
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let raw_name = pair.split('=').next().unwrap_or("");
+        if !percent_encoding_ok(pair) {
+            return Err(RequestError::bad_request(format!(
+                "query parameter {:?} has invalid percent-encoding",
+                raw_name.chars().take(64).collect::<String>()
+            )));
+        }
+        let Some((name, value)) = form_urlencoded::parse(pair.as_bytes()).next() else { continue };
+        if seen.iter().any(|s| *s == name) {
+            return Err(RequestError::bad_request(format!("query parameter {name:?} appears more than once")));
+        }
+        seen.push(name.to_string());
+        let value = value.into_owned();
+        let selector = match name.as_ref() {
+            "api-version" => {
+                q.api_version = Some(value);
+                continue;
+            }
+            "resource" => {
+                q.resource = Some(value);
+                continue;
+            }
+            _ if value.is_empty() => continue,
+            "client_id" => Selector::ClientId(value),
+            "object_id" | "principal_id" => Selector::ObjectId(value),
+            "msi_res_id" | "mi_res_id" => Selector::ResourceId(value),
+            _ => continue,
+        };
+        if q.selector.is_some() {
+            return Err(RequestError::bad_request(format!("give at most one of the identity selectors {SELECTORS}")));
+        }
+        q.selector = Some(selector);
+    }
+    Ok(q)
+}
+
+fn percent_encoding_ok(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |j: usize| b.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !hex(i + 1) || !hex(i + 2) {
+                return false;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// Checks `api-version`: a date `YYYY-MM-DD` (optionally with a suffix such as `-preview`) not before `min`.
+pub fn check_api_version(v: Option<&str>, min: &str) -> Result<(), RequestError> {
+    let Some(v) = v else {
+        return Err(RequestError::bad_request(format!("query parameter api-version is required ({min} or later)")));
+    };
+    let date = v.get(..10).unwrap_or("");
+    let b = date.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
+    let shape = b.len() == 10 && b[4] == b'-' && b[7] == b'-' && digits(0..4) && digits(5..7) && digits(8..10);
+    let month_day_ok = shape && (&date[5..7] >= "01" && &date[5..7] <= "12") && (&date[8..10] >= "01" && &date[8..10] <= "31");
+    let suffix_ok = v.len() == 10 || (v.len() <= 32 && v.get(10..).is_some_and(|s| s.starts_with('-')));
+    if !month_day_ok || !suffix_ok {
+        let shown: String = v.chars().take(40).collect();
+        return Err(RequestError::bad_request(format!("query parameter api-version {shown:?} is not a version date like {min}")));
+    }
+    if date < min {
+        return Err(RequestError::bad_request(format!("query parameter api-version {v:?} is not supported; use {min} or later")));
+    }
+    Ok(())
+}
+
+/// The success body: the superset every SDK accepts, every number a string.
+#[derive(Debug, Serialize)]
+struct TokenBody<'a> {
+    access_token: &'a str,
+    client_id: &'a str,
+    expires_in: String,
+    expires_on: String,
+    ext_expires_in: String,
+    not_before: String,
+    refresh_token: &'static str,
+    resource: &'a str,
+    token_type: &'static str,
+}
+
+/// Resolves the identity and resource of a parsed query and answers with a token or an error.
+pub(crate) async fn answer(broker: &Broker, dialect: Dialect, q: TokenQuery) -> Result<Response, RequestError> {
+    let raw_resource = q.resource.ok_or_else(|| RequestError::bad_request("query parameter resource is required"))?;
+    let resource = Resource::parse(&raw_resource)
+        .map_err(|e| RequestError::bad_request(format!("query parameter resource: {e}")))?;
+    let identity = broker
+        .identities()
+        .select(q.selector.as_ref())
+        .map_err(|e| RequestError::bad_request(format!("Identity not found: {e}")))?;
+    let (token, hit) = broker.cache().get(identity, &resource).await.map_err(|e| {
+        tracing::info!(identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
+        RequestError::from(e)
+    })?;
+    tracing::debug!(identity = %identity.name, %resource, ?dialect, cache_hit = hit, token = token.fingerprint(), "token served");
+    let now = unix_secs(SystemTime::now());
+    let body = TokenBody {
+        access_token: token.secret(),
+        client_id: &identity.client_id,
+        expires_in: token.expires_on().saturating_sub(now).to_string(),
+        expires_on: token.expires_on().to_string(),
+        ext_expires_in: token.ext_expires_on().saturating_sub(now).to_string(),
+        not_before: token.not_before().to_string(),
+        refresh_token: "",
+        resource: &raw_resource,
+        token_type: "Bearer",
+    };
+    let mut resp = axum::Json(body).into_response();
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// A header's value as text, if present and valid.
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_raw_and_encoded_queries() {
+        let raw = parse_query(Some("api-version=2018-02-01&resource=https://storage.azure.com/")).expect("valid");
+        let enc = parse_query(Some("api-version=2018-02-01&resource=https%3A%2F%2Fstorage.azure.com%2F")).expect("valid");
+        assert_eq!(raw, enc);
+        assert_eq!(raw.resource.as_deref(), Some("https://storage.azure.com/"));
+        let q = parse_query(Some("resource=r&client_id=abc&unknown=1")).expect("valid");
+        assert_eq!(q.selector, Some(Selector::ClientId("abc".into())));
+        let q = parse_query(Some("resource=r&mi_res_id=%2Fsubscriptions%2Fx")).expect("valid");
+        assert_eq!(q.selector, Some(Selector::ResourceId("/subscriptions/x".into())));
+        assert_eq!(parse_query(Some("resource=r&principal_id=p")).expect("valid").selector, Some(Selector::ObjectId("p".into())));
+        assert_eq!(parse_query(Some("resource=r&client_id=")).expect("valid").selector, None);
+        assert_eq!(parse_query(None).expect("valid"), TokenQuery::default());
+    }
+
+    #[test]
+    fn refuses_duplicates_conflicts_and_bad_encoding() {
+        let cases = [
+            ("resource=a&resource=b", "appears more than once"),
+            ("api-version=2018-02-01&api-version=2019-08-01", "api-version"),
+            ("resource=a&client_id=x&object_id=y", "at most one"),
+            ("resource=a%2", "percent-encoding"),
+            ("resource=a%zz", "percent-encoding"),
+            ("resource=%", "percent-encoding"),
+        ];
+        for (q, what) in cases {
+            let e = parse_query(Some(q)).err().expect(q);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.description.contains(what), "{q}: {}", e.description);
+        }
+    }
+
+    #[test]
+    fn api_versions() {
+        for ok in ["2018-02-01", "2019-08-01", "2021-02-01", "2025-01-01-preview"] {
+            assert!(check_api_version(Some(ok), "2018-02-01").is_ok(), "{ok}");
+        }
+        for bad in [None, Some("2017-09-01"), Some("2018-02-1"), Some("latest"), Some("9999-99-99"), Some(""), Some("2018-02-01x")] {
+            assert!(check_api_version(bad, "2018-02-01").is_err(), "{bad:?}");
+        }
+        assert!(check_api_version(Some("2018-02-01"), "2019-08-01").is_err());
+    }
+
+    #[test]
+    fn token_errors_map_to_statuses() {
+        use std::time::Duration;
+        let e = RequestError::from(TokenError::Unavailable { identity: "d".into(), cause: "x".into(), retry_after: Duration::from_millis(1500) });
+        assert_eq!((e.status, e.retry_after), (StatusCode::SERVICE_UNAVAILABLE, Some(2)));
+        let e = RequestError::from(TokenError::Unavailable { identity: "d".into(), cause: "x".into(), retry_after: Duration::ZERO });
+        assert_eq!(e.retry_after, Some(1));
+        let e = RequestError::from(TokenError::CredentialRejected { identity: "default".into(), client_id: "c".into(), error: "invalid_client".into() });
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.description.contains("invalid_client") && e.description.contains("\"default\""), "{}", e.description);
+        let e = RequestError::from(TokenError::BadResource { resource: "r".into(), error: "invalid_target".into() });
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,407 @@
+//! The IdP client: OAuth2 client-credentials grant against Entra ID (v2 or v1) or any token endpoint.
+//!
+//! This is the only module that talks to an identity provider. It makes exactly one HTTP request per
+//! [`IdpClient::fetch`] — retrying and backing off is the refresher's business — and every request is
+//! bounded by `upstream.timeout`. Failures are classified by the OAuth `error` code, never by the text
+//! of `error_description`.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::config::{UpstreamConfig, host_is_loopback};
+use crate::identity::{Identity, TokenApi};
+use crate::resource::Resource;
+
+/// Largest token response we read; real ones are a few KiB.
+const MAX_BODY: usize = 256 * 1024;
+
+/// What the refresher does about a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The credential (or client/tenant) is wrong: no retry loop; remembered for a while.
+    Credential,
+    /// The resource is unknown or not allowed: the caller's error (400).
+    Resource,
+    /// Anything else the IdP refused: retried slowly.
+    Rejected,
+    /// 429, 5xx, transport, malformed answers: retried with exponential backoff.
+    Transient,
+}
+
+/// A failed token request. Never carries a secret, a token or a response body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdpError {
+    /// `invalid_client` / `unauthorized_client`.
+    #[error("the identity provider rejected the credential ({error}, HTTP {status})")]
+    CredentialRejected {
+        /// HTTP status.
+        status: u16,
+        /// OAuth error code.
+        error: String,
+    },
+    /// `invalid_scope` / `invalid_target` / `invalid_resource`.
+    #[error("the identity provider rejected the resource ({error}, HTTP {status})")]
+    BadResource {
+        /// HTTP status.
+        status: u16,
+        /// OAuth error code.
+        error: String,
+    },
+    /// Another 4xx.
+    #[error("the identity provider refused the request ({error}, HTTP {status})")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// OAuth error code, or `-` when the body had none.
+        error: String,
+    },
+    /// 429.
+    #[error("the identity provider is throttling requests (HTTP 429)")]
+    Throttled {
+        /// `Retry-After`, when sent.
+        retry_after: Option<Duration>,
+    },
+    /// 5xx.
+    #[error("the identity provider failed (HTTP {status})")]
+    Unavailable {
+        /// HTTP status.
+        status: u16,
+        /// `Retry-After`, when sent.
+        retry_after: Option<Duration>,
+    },
+    /// Connect failure, reset, TLS failure or timeout.
+    #[error("cannot reach the identity provider at {host}: {detail}")]
+    Transport {
+        /// `host:port` of the token URL.
+        host: String,
+        /// The error chain.
+        detail: String,
+    },
+    /// A 2xx answer that is not a token response (e.g. an HTML proxy page).
+    #[error("the identity provider's answer is not a token response: {detail}")]
+    Malformed {
+        /// What was wrong (never the body itself).
+        detail: String,
+    },
+}
+
+impl IdpError {
+    /// How the refresher should treat this failure.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            Self::CredentialRejected { .. } => FailureClass::Credential,
+            Self::BadResource { .. } => FailureClass::Resource,
+            Self::Rejected { .. } => FailureClass::Rejected,
+            Self::Throttled { .. } | Self::Unavailable { .. } | Self::Transport { .. } | Self::Malformed { .. } => {
+                FailureClass::Transient
+            }
+        }
+    }
+
+    /// The IdP's `Retry-After`, if it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Throttled { retry_after } | Self::Unavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// A token as the IdP issued it.
+pub struct IssuedToken {
+    /// The bearer token.
+    pub access_token: SecretString,
+    /// Lifetime from the moment the request was sent.
+    pub expires_in: Duration,
+    /// `ext_expires_in` when sent.
+    pub ext_expires_in: Option<Duration>,
+    /// `refresh_in` when sent (Entra's hint for proactive refresh).
+    pub refresh_in: Option<Duration>,
+    /// Wall-clock time the request was sent (the conservative issuance time).
+    pub requested_at: SystemTime,
+}
+
+impl fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("access_token", &"[redacted]")
+            .field("expires_in", &self.expires_in)
+            .field("ext_expires_in", &self.ext_expires_in)
+            .field("refresh_in", &self.refresh_in)
+            .finish()
+    }
+}
+
+/// The HTTP client for token endpoints.
+#[derive(Debug, Clone)]
+pub struct IdpClient {
+    /// Honours `HTTPS_PROXY`/`NO_PROXY`; used for remote token URLs.
+    proxied: reqwest::Client,
+    /// Never proxied; used for loopback token URLs (a proxy cannot reach our loopback).
+    direct: reqwest::Client,
+}
+
+impl IdpClient {
+    /// Builds the clients: system roots plus `upstream.ca_file`, bounded timeouts.
+    pub fn new(upstream: &UpstreamConfig) -> Result<Self, reqwest::Error> {
+        let build = |proxy: bool| {
+            let mut b = reqwest::Client::builder()
+                .timeout(upstream.timeout)
+                .connect_timeout(upstream.timeout.min(Duration::from_secs(5)))
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")));
+            if !proxy {
+                b = b.no_proxy();
+            }
+            if let Some((_, pem)) = &upstream.ca_pem {
+                b = b.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem)?);
+            }
+            b.build()
+        };
+        Ok(Self { proxied: build(true)?, direct: build(false)? })
+    }
+
+    /// One client-credentials request for `resource` as `identity`.
+    pub async fn fetch(&self, identity: &Identity, resource: &Resource) -> Result<IssuedToken, IdpError> {
+        let url = &identity.token_url;
+        let mut form: Vec<(&str, String)> = vec![
+            ("grant_type", "client_credentials".to_owned()),
+            ("client_id", identity.client_id.clone()),
+        ];
+        match identity.api {
+            TokenApi::V2 => form.push(("scope", resource.scope())),
+            TokenApi::V1 => form.push(("resource", resource.as_str().to_owned())),
+        }
+        form.extend(identity.credential.form_params());
+        let client = if host_is_loopback(url) { &self.direct } else { &self.proxied };
+        let requested_at = SystemTime::now();
+        let transport = |e: reqwest::Error| IdpError::Transport { host: host_of(url), detail: error_chain(&e) };
+        let mut resp = client
+            .post(url.clone())
+            .header("accept", "application/json")
+            .form(&form)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(IdpError::Malformed { detail: format!("HTTP {status} body larger than {MAX_BODY} bytes") });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let parsed = parse_response(status, retry_after, &content_type, &body);
+        if let Err(e) = &parsed {
+            if let Some(desc) = error_description(&body) {
+                tracing::warn!(identity = %identity.name, resource = %resource, error = %e, idp_description = %desc, "token request failed");
+            }
+        }
+        let p = parsed?;
+        Ok(IssuedToken {
+            access_token: p.access_token,
+            expires_in: p.expires_in,
+            ext_expires_in: p.ext_expires_in,
+            refresh_in: p.refresh_in,
+            requested_at,
+        })
+    }
+}
+
+fn host_of(url: &reqwest::Url) -> String {
+    match (url.host_str(), url.port_or_known_default()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        _ => url.as_str().to_owned(),
+    }
+}
+
+/// `e: cause: cause` — reqwest's own Display omits the interesting inner causes.
+fn error_chain(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".to_owned();
+    }
+    let mut out = String::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        cur = err.source();
+    }
+    out
+}
+
+/// A number that some servers send as a string (Entra v1) or as a float.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Number {
+    Int(u64),
+    Float(f64),
+    Text(String),
+}
+
+impl Number {
+    fn seconds(&self) -> Option<Duration> {
+        match self {
+            Self::Int(n) => Some(Duration::from_secs(*n)),
+            Self::Float(f) if f.is_finite() && *f >= 0.0 => Some(Duration::from_secs(*f as u64)),
+            Self::Float(_) => None,
+            Self::Text(s) => s.trim().parse::<u64>().ok().map(Duration::from_secs),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct SuccessWire {
+    access_token: Option<SecretString>,
+    token_type: Option<String>,
+    expires_in: Option<Number>,
+    ext_expires_in: Option<Number>,
+    refresh_in: Option<Number>,
+    expires_on: Option<Number>,
+}
+
+#[derive(Deserialize)]
+struct ErrorWire {
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+fn error_description(body: &[u8]) -> Option<String> {
+    let e: ErrorWire = serde_json::from_slice(body).ok()?;
+    e.error_description.map(|d| d.chars().take(500).collect())
+}
+
+/// A successful response, parsed.
+pub(crate) struct Parsed {
+    pub(crate) access_token: SecretString,
+    pub(crate) expires_in: Duration,
+    pub(crate) ext_expires_in: Option<Duration>,
+    pub(crate) refresh_in: Option<Duration>,
+}
+
+/// Classifies and parses a token endpoint answer. Pure, so it is unit-tested and fuzzable.
+pub(crate) fn parse_response(status: u16, retry_after: Option<Duration>, content_type: &str, body: &[u8]) -> Result<Parsed, IdpError> {
+    if status == 429 {
+        return Err(IdpError::Throttled { retry_after });
+    }
+    if status >= 500 {
+        return Err(IdpError::Unavailable { status, retry_after });
+    }
+    if !(200..300).contains(&status) {
+        let code = serde_json::from_slice::<ErrorWire>(body).ok().and_then(|e| e.error).unwrap_or_else(|| "-".to_owned());
+        let code: String = code.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
+        return Err(match code.as_str() {
+            "invalid_client" | "unauthorized_client" => IdpError::CredentialRejected { status, error: code },
+            "invalid_scope" | "invalid_target" | "invalid_resource" => IdpError::BadResource { status, error: code },
+            _ if status == 401 => IdpError::CredentialRejected { status, error: code },
+            _ => IdpError::Rejected { status, error: code },
+        });
+    }
+    let malformed = |detail: String| IdpError::Malformed { detail };
+    let wire: SuccessWire = serde_json::from_slice(body).map_err(|_| {
+        let ct = if content_type.is_empty() { "no content type" } else { content_type };
+        malformed(format!("HTTP {status} with a body of {} bytes ({ct}) that is not a JSON token response", body.len()))
+    })?;
+    let access_token = wire.access_token.ok_or_else(|| malformed("no access_token".to_owned()))?;
+    if let Some(t) = &wire.token_type {
+        if !t.eq_ignore_ascii_case("bearer") {
+            return Err(malformed(format!("token_type {:?} is not Bearer", t.chars().take(32).collect::<String>())));
+        }
+    }
+    let expires_in = match (&wire.expires_in, &wire.expires_on) {
+        (Some(n), _) => n.seconds().ok_or_else(|| malformed("expires_in is not a number of seconds".to_owned()))?,
+        (None, Some(on)) => {
+            let on = on.seconds().ok_or_else(|| malformed("expires_on is not a number".to_owned()))?;
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            on.saturating_sub(now)
+        }
+        (None, None) => return Err(malformed("neither expires_in nor expires_on".to_owned())),
+    };
+    Ok(Parsed {
+        access_token,
+        expires_in,
+        ext_expires_in: wire.ext_expires_in.as_ref().and_then(Number::seconds),
+        refresh_in: wire.refresh_in.as_ref().and_then(Number::seconds),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn err(status: u16, body: &str) -> IdpError {
+        match parse_response(status, None, "application/json", body.as_bytes()) {
+            Ok(_) => panic!("expected an error for {status} {body}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn parses_numbers_and_strings() {
+        let p = parse_response(200, None, "application/json", br#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":"3599","refresh_in":1800,"access_token":"eyJ.a.b"}"#)
+            .ok()
+            .expect("valid");
+        assert_eq!(p.access_token.expose_secret(), "eyJ.a.b");
+        assert_eq!(p.expires_in, Duration::from_secs(3599));
+        assert_eq!(p.ext_expires_in, Some(Duration::from_secs(3599)));
+        assert_eq!(p.refresh_in, Some(Duration::from_secs(1800)));
+        let v1 = parse_response(200, None, "", br#"{"token_type":"Bearer","expires_in":"3600","access_token":"x"}"#).ok().expect("v1");
+        assert_eq!(v1.expires_in, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn classifies_errors_by_code() {
+        let table = [
+            (401, r#"{"error":"invalid_client","error_description":"AADSTS7000215"}"#, FailureClass::Credential),
+            (400, r#"{"error":"unauthorized_client"}"#, FailureClass::Credential),
+            (400, r#"{"error":"invalid_scope"}"#, FailureClass::Resource),
+            (400, r#"{"error":"invalid_target"}"#, FailureClass::Resource),
+            (400, r#"{"error":"invalid_resource"}"#, FailureClass::Resource),
+            (400, r#"{"error":"invalid_request"}"#, FailureClass::Rejected),
+            (401, "not json", FailureClass::Credential),
+            (404, "<html>", FailureClass::Rejected),
+            (429, "{}", FailureClass::Transient),
+            (500, "{}", FailureClass::Transient),
+            (503, "<html>busy</html>", FailureClass::Transient),
+        ];
+        for (status, body, class) in table {
+            assert_eq!(err(status, body).class(), class, "{status} {body}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_kept() {
+        let e = parse_response(429, Some(Duration::from_secs(7)), "", b"").err().expect("error");
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn malformed_success_never_echoes_the_body() {
+        let body = "<html>proxy login page with sensitive-looking content</html>";
+        let e = err(200, body);
+        assert_eq!(e.class(), FailureClass::Transient);
+        assert!(!e.to_string().contains("sensitive"), "{e}");
+        let e = err(200, r#"{"access_token":"secret-token-value","token_type":"pop","expires_in":1}"#);
+        assert!(!e.to_string().contains("secret-token-value"), "{e}");
+        assert!(matches!(err(200, r#"{"token_type":"Bearer","expires_in":1}"#), IdpError::Malformed { .. }));
+        assert!(matches!(err(200, r#"{"access_token":"x"}"#), IdpError::Malformed { .. }));
+    }
+}

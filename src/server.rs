@@ -1,0 +1,174 @@
+//! The HTTP surface: the router, its guards and serving with graceful shutdown.
+//!
+//! Routes: the two token dialects, `/healthz` (alive) and `/readyz` (every configured resource cached).
+//! Guards: only GET (405 otherwise), a `Host` that is a loopback name or address or one of tokend's
+//! listen addresses (DNS rebinding), a bounded request time. Errors use the dialect's shape.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::broker::Broker;
+use crate::dialect::{Dialect, RequestError, app_service, imds};
+
+/// Longest any request may take; callers are answered within `tokens.max_wait` well before this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
+
+/// Which `Host` values are accepted besides loopback names and addresses.
+#[derive(Debug, Clone, Default)]
+pub struct HostPolicy {
+    /// tokend's own listen addresses (e.g. a non-loopback one the operator opted into).
+    pub extra: Vec<IpAddr>,
+}
+
+impl HostPolicy {
+    /// Accepts the listen addresses' IPs.
+    pub fn for_listen(listen: &[SocketAddr]) -> Self {
+        Self { extra: listen.iter().map(SocketAddr::ip).filter(|ip| !ip.is_unspecified()).collect() }
+    }
+
+    /// Whether a `Host` header value is acceptable.
+    pub fn allows(&self, host: &str) -> bool {
+        let name = strip_port(host);
+        if name.eq_ignore_ascii_case("localhost") || name.eq_ignore_ascii_case("localhost.") {
+            return true;
+        }
+        let ip = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>();
+        ip.is_ok_and(|ip| ip.is_loopback() || self.extra.contains(&ip))
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port or [v6]
+        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// The application: routes plus guards. Tests drive it with `oneshot`.
+pub fn router(broker: Arc<Broker>, hosts: HostPolicy) -> Router {
+    Router::new()
+        .route(imds::PATH, get(imds::token))
+        .route(app_service::PATH, get(app_service::token))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(Arc::new(hosts), host_guard))
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
+        .with_state(broker)
+}
+
+async fn host_guard(State(hosts): State<Arc<HostPolicy>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path != "/healthz" && path != "/readyz" {
+        if let Some(host) = req.headers().get(header::HOST) {
+            let ok = host.to_str().is_ok_and(|h| hosts.allows(h));
+            if !ok {
+                let shown: String = String::from_utf8_lossy(host.as_bytes()).chars().take(100).collect();
+                return RequestError::bad_request(format!(
+                    "header Host {shown:?} is not a loopback name or address; tokend only answers requests addressed to this machine"
+                ))
+                .into_response(Dialect::for_path(path));
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, axum::Json(serde_json::json!({ "status": "alive" })))
+}
+
+async fn readyz(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
+    let states = broker.readiness();
+    let pending: Vec<String> = states.iter().filter(|s| !s.ready).map(|s| format!("{} {}", s.identity, s.resource)).collect();
+    let status = if pending.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let word = if pending.is_empty() { "ready" } else { "not ready" };
+    (status, axum::Json(serde_json::json!({ "status": word, "resources": states.len(), "pending": pending })))
+}
+
+async fn not_found(req: Request) -> Response {
+    let path = req.uri().path();
+    let shown: String = path.chars().take(100).collect();
+    RequestError {
+        status: StatusCode::NOT_FOUND,
+        code: "not_found",
+        description: format!("no such endpoint {shown:?}; tokens are at {} and {}", imds::PATH, app_service::PATH),
+        retry_after: None,
+    }
+    .into_response(Dialect::for_path(path))
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let method = req.method().clone();
+    let mut resp = RequestError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        description: format!("method {method} is not allowed; use GET"),
+        retry_after: None,
+    }
+    .into_response(Dialect::for_path(req.uri().path()));
+    resp.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+    resp
+}
+
+/// Binds every address before anything is served, so a bad address fails start-up as a whole.
+pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Serves `app` on every listener until `shutdown` is cancelled, then lets in-flight requests finish.
+pub async fn serve(listeners: Vec<TcpListener>, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        let app = app.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(std::io::Error::other(format!("listener task failed: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_policy() {
+        let p = HostPolicy::for_listen(&["10.1.2.3:80".parse().expect("addr")]);
+        for ok in ["127.0.0.1", "127.0.0.1:50342", "localhost", "LOCALHOST:1", "localhost.", "[::1]:50342", "[::1]", "127.9.9.9:1", "10.1.2.3"] {
+            assert!(p.allows(ok), "{ok}");
+        }
+        for bad in ["evil.example", "evil.example:50342", "localhost.evil.example", "10.1.2.4", "[::2]:1", "", "127.0.0.1.nip.io"] {
+            assert!(!p.allows(bad), "{bad}");
+        }
+    }
+}
