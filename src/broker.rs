@@ -10,7 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ConfigError, IdentityHeaderSource, world_readable_warning};
+use crate::config::{Config, ConfigError, IdentityHeaderSource, readable_warning};
 use crate::identity::Identities;
 use crate::token::TokenSource;
 use crate::token::cache::{PinnedState, TokenCache};
@@ -54,7 +54,8 @@ impl Broker {
 
     /// Compares a presented `X-IDENTITY-HEADER` with the secret in constant time.
     pub fn identity_header_matches(&self, presented: &[u8]) -> bool {
-        aws_lc_rs::constant_time::verify_slices_are_equal(presented, self.identity_header.expose_secret().as_bytes()).is_ok()
+        aws_lc_rs::constant_time::verify_slices_are_equal(presented, self.identity_header.expose_secret().as_bytes())
+            .is_ok()
     }
 
     /// The configured resources and whether each has a servable token.
@@ -92,7 +93,8 @@ pub fn load_identity_header(
             if secret.is_empty() {
                 return Err(err(format!("{} is empty; delete it to have tokend create a new secret", path.display())));
             }
-            if let Some(w) = world_readable_warning(path) {
+            // Sharing it with a group of client users (mode 0640) is intended; readable by anyone is not.
+            if let Some(w) = readable_warning(path, 0o007) {
                 warnings.push(w);
             }
             Ok(secret.to_owned().into())
@@ -137,7 +139,7 @@ mod tests {
     #[test]
     fn identity_header_errors_name_the_key() {
         let src = IdentityHeaderSource::File("/proc/definitely/not/writable".into());
-        let e = load_identity_header(&src, "t.toml", &mut Vec::new()).err().expect("error").to_string();
+        let e = load_identity_header(&src, "t.toml", &mut Vec::new()).expect_err("error").to_string();
         assert!(e.contains("server.identity_header_file") && e.contains("t.toml"), "{e}");
     }
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, load_identity_header};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, IdentityHeaderSource, ServerConfig};
 use crate::dialect::{app_service, imds};
 use crate::idp::IdpClient;
 use crate::resource::Resource;
@@ -51,12 +51,33 @@ pub fn export_lines(addr: SocketAddr, identity_header: &SecretString) -> String 
     out
 }
 
+/// `tokend env`: the export lines for the broker of `server`. Only reads the identity header file (it
+/// is created by `tokend serve`), so any user who may read that file can run it.
+pub fn env(server: &ServerConfig) -> anyhow::Result<String> {
+    let header = match &server.identity_header {
+        IdentityHeaderSource::File(path) => {
+            std::fs::read_to_string(path).map(|s| s.trim().to_owned()).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => anyhow::anyhow!(
+                    "server.identity_header_file {} does not exist yet; `tokend serve` creates it",
+                    path.display()
+                ),
+                _ => anyhow::anyhow!("cannot read server.identity_header_file {}: {e}", path.display()),
+            })?
+        }
+        IdentityHeaderSource::Generated => anyhow::bail!("this configuration has no identity header file"),
+    };
+    anyhow::ensure!(!header.is_empty(), "server.identity_header_file is empty");
+    Ok(export_lines(client_addr(server), &header.into()))
+}
+
 /// The address local clients should use: the first loopback listen address, else the first one.
-pub fn client_addr(config: &Config) -> SocketAddr {
-    let l = &config.server.listen;
-    l.iter().find(|a| a.ip().is_loopback()).or_else(|| l.first()).copied().unwrap_or_else(|| {
-        crate::config::DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid socket address")
-    })
+pub fn client_addr(server: &ServerConfig) -> SocketAddr {
+    let l = &server.listen;
+    l.iter()
+        .find(|a| a.ip().is_loopback())
+        .or_else(|| l.first())
+        .copied()
+        .unwrap_or_else(|| crate::config::DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid socket address"))
 }
 
 /// Runs the broker until `shutdown` resolves. `on_listening` gets the bound addresses once every
@@ -70,7 +91,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let Prepared { config, identity_header } = prepared;
-    let source: Arc<dyn TokenSource> = Arc::new(IdpClient::new(&config.upstream).context("cannot set up the HTTPS client")?);
+    let source: Arc<dyn TokenSource> =
+        Arc::new(IdpClient::new(&config.upstream).context("cannot set up the HTTPS client")?);
     let listeners = server::bind(&config.server.listen).await?;
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     let broker = Broker::start(&config, identity_header, source, &tracker, &cancel);
@@ -100,8 +122,8 @@ pub async fn run(
 }
 
 /// `tokend token`: asks the running broker (IMDS route) and returns only the access token.
-pub async fn token(config: &Config, resource: &str, client_id: Option<&str>) -> anyhow::Result<String> {
-    let addr = client_addr(config);
+pub async fn token(server: &ServerConfig, resource: &str, client_id: Option<&str>) -> anyhow::Result<String> {
+    let addr = client_addr(server);
     let mut url = reqwest::Url::parse(&format!("http://{addr}{}", imds::PATH))?;
     url.query_pairs_mut().append_pair("api-version", "2018-02-01").append_pair("resource", resource);
     if let Some(id) = client_id {
@@ -115,7 +137,8 @@ pub async fn token(config: &Config, resource: &str, client_id: Option<&str>) -> 
         .await
         .with_context(|| format!("cannot reach tokend at {addr}; is `tokend serve` running?"))?;
     let status = resp.status();
-    let body: serde_json::Value = resp.json().await.with_context(|| format!("tokend at {addr} answered HTTP {status} without JSON"))?;
+    let body: serde_json::Value =
+        resp.json().await.with_context(|| format!("tokend at {addr} answered HTTP {status} without JSON"))?;
     if !status.is_success() {
         let desc = body.get("error_description").and_then(|v| v.as_str()).unwrap_or("no description");
         anyhow::bail!("tokend answered HTTP {status}: {desc}");
@@ -153,7 +176,10 @@ pub async fn check(config: &Config, resource: Option<&str>) -> anyhow::Result<Ve
             identity.token_url
         );
         let line = match idp.fetch(identity, &resource).await {
-            Ok(t) => CheckLine { ok: true, text: format!("ok    {what}: token for {resource} valid for {}s", t.expires_in.as_secs()) },
+            Ok(t) => CheckLine {
+                ok: true,
+                text: format!("ok    {what}: token for {resource} valid for {}s", t.expires_in.as_secs()),
+            },
             Err(e) => CheckLine { ok: false, text: format!("FAIL  {what}: {resource}: {e}") },
         };
         lines.push(line);

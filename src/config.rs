@@ -220,6 +220,18 @@ impl Config {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Validator { path: shown, base, env, warnings: Vec::new() }.validate(raw)
     }
+
+    /// Reads only what a *client* of tokend needs (`tokend env`, `tokend token`): the whole file is
+    /// parsed (unknown keys are still errors) but only `[server]` is validated, so no secret file is
+    /// read and an unprivileged user can run these commands.
+    pub fn load_server(path: &Path) -> Result<ServerConfig, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        let raw: RawConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: shown.clone(), message: e.to_string() })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Validator { path: shown, base, env: &|_| None, warnings: Vec::new() }.server(raw.server)
+    }
 }
 
 struct Validator<'a> {
@@ -238,7 +250,13 @@ impl Validator<'_> {
         if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
     }
 
-    fn duration(&self, key: &str, value: Option<&str>, default: Duration, range: (Duration, Duration)) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        default: Duration,
+        range: (Duration, Duration),
+    ) -> Result<Duration, ConfigError> {
         let Some(text) = value else { return Ok(default) };
         let d = humantime::parse_duration(text.trim())
             .map_err(|e| self.err(key, format!("{text:?} is not a duration ({e}); write e.g. \"30s\" or \"5m\"")))?;
@@ -253,9 +271,24 @@ impl Validator<'_> {
         let server = self.server(raw.server)?;
         let secs = Duration::from_secs;
         let tokens = TokensConfig {
-            min_lifetime: self.duration("tokens.min_lifetime", raw.tokens.min_lifetime.as_deref(), secs(300), (secs(0), secs(86_400)))?,
-            max_wait: self.duration("tokens.max_wait", raw.tokens.max_wait.as_deref(), secs(8), (Duration::from_millis(100), secs(60)))?,
-            idle_timeout: self.duration("tokens.idle_timeout", raw.tokens.idle_timeout.as_deref(), secs(1800), (secs(1), secs(7 * 86_400)))?,
+            min_lifetime: self.duration(
+                "tokens.min_lifetime",
+                raw.tokens.min_lifetime.as_deref(),
+                secs(300),
+                (secs(0), secs(86_400)),
+            )?,
+            max_wait: self.duration(
+                "tokens.max_wait",
+                raw.tokens.max_wait.as_deref(),
+                secs(8),
+                (Duration::from_millis(100), secs(60)),
+            )?,
+            idle_timeout: self.duration(
+                "tokens.idle_timeout",
+                raw.tokens.idle_timeout.as_deref(),
+                secs(1800),
+                (secs(1), secs(7 * 86_400)),
+            )?,
         };
         let upstream = self.upstream(raw.upstream)?;
         let identities = if raw.identity.is_empty() {
@@ -280,9 +313,12 @@ impl Validator<'_> {
         let mut listen = Vec::with_capacity(texts.len());
         for (i, text) in texts.iter().enumerate() {
             let key = format!("server.listen[{i}]");
-            let addr: SocketAddr = text
-                .parse()
-                .map_err(|_| self.err(&key, format!("{text:?} is not an IP:port address (e.g. \"127.0.0.1:50342\" or \"[::1]:50342\")")))?;
+            let addr: SocketAddr = text.parse().map_err(|_| {
+                self.err(
+                    &key,
+                    format!("{text:?} is not an IP:port address (e.g. \"127.0.0.1:50342\" or \"[::1]:50342\")"),
+                )
+            })?;
             if !addr.ip().is_loopback() && !allow_non_loopback {
                 return Err(self.err(
                     &key,
@@ -308,7 +344,8 @@ impl Validator<'_> {
             None => None,
             Some(p) => {
                 let p = self.resolve(&p);
-                let pem = std::fs::read(&p).map_err(|e| self.err("upstream.ca_file", format!("cannot read {}: {e}", p.display())))?;
+                let pem = std::fs::read(&p)
+                    .map_err(|e| self.err("upstream.ca_file", format!("cannot read {}: {e}", p.display())))?;
                 match reqwest::Certificate::from_pem_bundle(&pem) {
                     Ok(certs) if !certs.is_empty() => {}
                     _ => return Err(self.err("upstream.ca_file", format!("{} holds no PEM certificate", p.display()))),
@@ -321,7 +358,8 @@ impl Validator<'_> {
 
     fn read_secret_file(&mut self, key: &str, path: &Path) -> Result<String, ConfigError> {
         let path = self.resolve(path);
-        let text = std::fs::read_to_string(&path).map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
         let secret = text.trim().to_owned();
         if secret.is_empty() {
             return Err(self.err(key, format!("{} is empty", path.display())));
@@ -337,7 +375,9 @@ impl Validator<'_> {
         match url.scheme() {
             "https" => Ok(url),
             "http" if host_is_loopback(&url) => Ok(url),
-            "http" => Err(self.err(key, format!("{text:?}: http:// is accepted only for loopback hosts; use https://"))),
+            "http" => {
+                Err(self.err(key, format!("{text:?}: http:// is accepted only for loopback hosts; use https://")))
+            }
             other => Err(self.err(key, format!("{text:?}: scheme {other:?} is not http or https"))),
         }
     }
@@ -350,17 +390,22 @@ impl Validator<'_> {
             None if i == 0 => "default".to_owned(),
             None => return Err(self.err(k("name"), "missing; every identity after the first needs a name")),
         };
-        let client_id = nonempty(raw.client_id).ok_or_else(|| self.err(k("client_id"), "missing; set the application (client) id"))?;
+        let client_id = nonempty(raw.client_id)
+            .ok_or_else(|| self.err(k("client_id"), "missing; set the application (client) id"))?;
         let api = match raw.api.as_deref() {
             None | Some("v2") => TokenApi::V2,
             Some("v1") => TokenApi::V1,
             Some(other) => return Err(self.err(k("api"), format!("{other:?} is not \"v2\" or \"v1\""))),
         };
         let token_url = match (raw.token_url, raw.authority_host) {
-            (Some(_), Some(_)) => return Err(self.err(k("token_url"), "set either token_url or authority_host, not both")),
+            (Some(_), Some(_)) => {
+                return Err(self.err(k("token_url"), "set either token_url or authority_host, not both"));
+            }
             (Some(url), None) => self.token_url(&k("token_url"), &url)?,
             (None, authority) => {
-                let tenant = nonempty(raw.tenant_id).ok_or_else(|| self.err(k("tenant_id"), "missing; needed to build the token URL from authority_host"))?;
+                let tenant = nonempty(raw.tenant_id).ok_or_else(|| {
+                    self.err(k("tenant_id"), "missing; needed to build the token URL from authority_host")
+                })?;
                 let authority = authority.unwrap_or_else(|| DEFAULT_AUTHORITY_HOST.to_owned());
                 self.token_url(&k("authority_host"), &entra_token_url(&authority, &tenant, api))?
             }
@@ -375,7 +420,8 @@ impl Validator<'_> {
         };
         let mut resources: Vec<Resource> = Vec::new();
         for (j, text) in raw.resources.iter().enumerate() {
-            let r = Resource::parse(text).map_err(|e| self.err(format!("identity[{i}].resources[{j}]"), format!("{text:?}: {e}")))?;
+            let r = Resource::parse(text)
+                .map_err(|e| self.err(format!("identity[{i}].resources[{j}]"), format!("{text:?}: {e}")))?;
             if resources.contains(&r) {
                 return Err(self.err(format!("identity[{i}].resources[{j}]"), format!("{text:?} is listed twice")));
             }
@@ -408,7 +454,8 @@ impl Validator<'_> {
         let tenant = need("AZURE_TENANT_ID")?;
         let client_id = need("AZURE_CLIENT_ID")?;
         let secret = need("AZURE_CLIENT_SECRET")?;
-        let authority = nonempty((self.env)("AZURE_AUTHORITY_HOST")).unwrap_or_else(|| DEFAULT_AUTHORITY_HOST.to_owned());
+        let authority =
+            nonempty((self.env)("AZURE_AUTHORITY_HOST")).unwrap_or_else(|| DEFAULT_AUTHORITY_HOST.to_owned());
         let token_url = self.token_url("AZURE_AUTHORITY_HOST", &entra_token_url(&authority, &tenant, TokenApi::V2))?;
         Ok(Identity {
             name: "default".to_owned(),
@@ -417,7 +464,10 @@ impl Validator<'_> {
             resource_id: None,
             token_url,
             api: TokenApi::V2,
-            credential: ClientCredential::Secret { secret: secret.into(), origin: "environment AZURE_CLIENT_SECRET".into() },
+            credential: ClientCredential::Secret {
+                secret: secret.into(),
+                origin: "environment AZURE_CLIENT_SECRET".into(),
+            },
             resources: Vec::new(),
         })
     }
@@ -472,13 +522,20 @@ pub fn host_is_loopback(url: &reqwest::Url) -> bool {
 
 /// A warning when a secret file can be read by its group or others.
 pub fn world_readable_warning(path: &Path) -> Option<String> {
+    readable_warning(path, 0o077)
+}
+
+/// A warning when `path`'s mode has any bit of `mask` set (0o077: group or others; 0o007: others).
+pub fn readable_warning(path: &Path, mask: u32) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).ok()?.permissions().mode();
-    (mode & 0o077 != 0).then(|| {
+    (mode & mask != 0).then(|| {
         format!(
-            "secret file {} can be read by users other than its owner (mode {:04o}); run chmod 600 on it",
+            "secret file {} can be read by {} (mode {:04o}); run chmod {} on it",
             path.display(),
-            mode & 0o7777
+            if mask & 0o070 != 0 { "users other than its owner" } else { "any user" },
+            mode & 0o7777,
+            if mask & 0o070 != 0 { "600" } else { "o-rwx" }
         )
     })
 }
@@ -565,12 +622,28 @@ mod tests {
         }
         let id_cases = [
             ("client_id = \"c\"\ntenant_id = \"t\"\n", "identity[0].client_secret_file", "missing"),
-            ("client_id = \"c\"\ntenant_id = \"t\"\nclient_secret_file = \"nope\"\n", "identity[0].client_secret_file", "cannot read"),
+            (
+                "client_id = \"c\"\ntenant_id = \"t\"\nclient_secret_file = \"nope\"\n",
+                "identity[0].client_secret_file",
+                "cannot read",
+            ),
             ("tenant_id = \"t\"\nclient_secret_file = \"secret\"\n", "identity[0].client_id", "missing"),
             ("client_id = \"c\"\nclient_secret_file = \"secret\"\n", "identity[0].tenant_id", "missing"),
-            ("client_id = \"c\"\nclient_secret_file = \"secret\"\ntoken_url = \"http://idp.example/token\"\n", "identity[0].token_url", "loopback"),
-            ("client_id = \"c\"\nclient_secret_file = \"secret\"\ntoken_url = \"http://127.0.0.1:9/token\"\napi = \"v3\"\n", "identity[0].api", "v3"),
-            ("client_id = \"c\"\ntenant_id = \"t\"\nclient_secret_file = \"secret\"\nresources = [\"a b\"]\n", "identity[0].resources[0]", "whitespace"),
+            (
+                "client_id = \"c\"\nclient_secret_file = \"secret\"\ntoken_url = \"http://idp.example/token\"\n",
+                "identity[0].token_url",
+                "loopback",
+            ),
+            (
+                "client_id = \"c\"\nclient_secret_file = \"secret\"\ntoken_url = \"http://127.0.0.1:9/token\"\napi = \"v3\"\n",
+                "identity[0].api",
+                "v3",
+            ),
+            (
+                "client_id = \"c\"\ntenant_id = \"t\"\nclient_secret_file = \"secret\"\nresources = [\"a b\"]\n",
+                "identity[0].resources[0]",
+                "whitespace",
+            ),
         ];
         for (body, key, what) in id_cases {
             let m = message(d.load(&format!("[[identity]]\n{body}")));
@@ -581,7 +654,9 @@ mod tests {
     #[test]
     fn ambiguous_identities_are_rejected() {
         let d = Dir::new();
-        let two = format!("{MINIMAL}\n[[identity]]\nname = \"b\"\ntenant_id = \"t\"\nclient_id = \"C\"\nclient_secret_file = \"secret\"\n");
+        let two = format!(
+            "{MINIMAL}\n[[identity]]\nname = \"b\"\ntenant_id = \"t\"\nclient_id = \"C\"\nclient_secret_file = \"secret\"\n"
+        );
         let m = message(d.load(&two));
         assert!(m.contains("identity[1].client_id") && m.contains("ambiguous"), "{m}");
     }

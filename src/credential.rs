@@ -42,11 +42,9 @@ impl ClientCredential {
 impl fmt::Debug for ClientCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Secret { origin, .. } => f
-                .debug_struct("Secret")
-                .field("secret", &"[redacted]")
-                .field("origin", origin)
-                .finish(),
+            Self::Secret { origin, .. } => {
+                f.debug_struct("Secret").field("secret", &"[redacted]").field("origin", origin).finish()
+            }
         }
     }
 }

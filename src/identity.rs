@@ -138,13 +138,17 @@ mod tests {
         let mut a = test_identity("a", "11111111-1111-1111-1111-111111111111");
         a.object_id = Some("oid-a".into());
         let mut b = test_identity("b", "22222222-2222-2222-2222-222222222222");
-        b.resource_id = Some("/subscriptions/x/resourceGroups/y/providers/Microsoft.ManagedIdentity/userAssignedIdentities/b".into());
+        b.resource_id = Some(
+            "/subscriptions/x/resourceGroups/y/providers/Microsoft.ManagedIdentity/userAssignedIdentities/b".into(),
+        );
         let ids = Identities::new(vec![a, b]);
         assert_eq!(ids.select(None).map(|i| i.name.as_str()), Ok("a"));
         let by_client = Selector::ClientId("22222222-2222-2222-2222-222222222222".to_uppercase());
         assert_eq!(ids.select(Some(&by_client)).map(|i| i.name.as_str()), Ok("b"));
         assert_eq!(ids.select(Some(&Selector::ObjectId("OID-A".into()))).map(|i| i.name.as_str()), Ok("a"));
-        let by_res = Selector::ResourceId("/SUBSCRIPTIONS/x/resourcegroups/y/providers/Microsoft.ManagedIdentity/userAssignedIdentities/b".into());
+        let by_res = Selector::ResourceId(
+            "/SUBSCRIPTIONS/x/resourcegroups/y/providers/Microsoft.ManagedIdentity/userAssignedIdentities/b".into(),
+        );
         assert_eq!(ids.select(Some(&by_res)).map(|i| i.name.as_str()), Ok("b"));
         let err = ids.select(Some(&Selector::ClientId("nope".into()))).map(|i| i.name.clone());
         assert_eq!(err, Err(UnknownIdentity { parameter: "client_id", value: "nope".into() }));

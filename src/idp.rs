@@ -168,10 +168,8 @@ impl IdpClient {
     /// One client-credentials request for `resource` as `identity`.
     pub async fn fetch(&self, identity: &Identity, resource: &Resource) -> Result<IssuedToken, IdpError> {
         let url = &identity.token_url;
-        let mut form: Vec<(&str, String)> = vec![
-            ("grant_type", "client_credentials".to_owned()),
-            ("client_id", identity.client_id.clone()),
-        ];
+        let mut form: Vec<(&str, String)> =
+            vec![("grant_type", "client_credentials".to_owned()), ("client_id", identity.client_id.clone())];
         match identity.api {
             TokenApi::V2 => form.push(("scope", resource.scope())),
             TokenApi::V1 => form.push(("resource", resource.as_str().to_owned())),
@@ -203,8 +201,8 @@ impl IdpClient {
             body.extend_from_slice(&chunk);
         }
         let parsed = parse_response(status, retry_after, &content_type, &body);
-        if let Err(e) = &parsed {
-            if let Some(desc) = error_description(&body) {
+        if let (Err(e), Some(desc)) = (&parsed, error_description(&body)) {
+            {
                 tracing::warn!(identity = %identity.name, resource = %resource, error = %e, idp_description = %desc, "token request failed");
             }
         }
@@ -297,7 +295,12 @@ pub(crate) struct Parsed {
 }
 
 /// Classifies and parses a token endpoint answer. Pure, so it is unit-tested and fuzzable.
-pub(crate) fn parse_response(status: u16, retry_after: Option<Duration>, content_type: &str, body: &[u8]) -> Result<Parsed, IdpError> {
+pub(crate) fn parse_response(
+    status: u16,
+    retry_after: Option<Duration>,
+    content_type: &str,
+    body: &[u8],
+) -> Result<Parsed, IdpError> {
     if status == 429 {
         return Err(IdpError::Throttled { retry_after });
     }
@@ -305,7 +308,8 @@ pub(crate) fn parse_response(status: u16, retry_after: Option<Duration>, content
         return Err(IdpError::Unavailable { status, retry_after });
     }
     if !(200..300).contains(&status) {
-        let code = serde_json::from_slice::<ErrorWire>(body).ok().and_then(|e| e.error).unwrap_or_else(|| "-".to_owned());
+        let code =
+            serde_json::from_slice::<ErrorWire>(body).ok().and_then(|e| e.error).unwrap_or_else(|| "-".to_owned());
         let code: String = code.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
         return Err(match code.as_str() {
             "invalid_client" | "unauthorized_client" => IdpError::CredentialRejected { status, error: code },
@@ -320,10 +324,8 @@ pub(crate) fn parse_response(status: u16, retry_after: Option<Duration>, content
         malformed(format!("HTTP {status} with a body of {} bytes ({ct}) that is not a JSON token response", body.len()))
     })?;
     let access_token = wire.access_token.ok_or_else(|| malformed("no access_token".to_owned()))?;
-    if let Some(t) = &wire.token_type {
-        if !t.eq_ignore_ascii_case("bearer") {
-            return Err(malformed(format!("token_type {:?} is not Bearer", t.chars().take(32).collect::<String>())));
-        }
+    if let Some(t) = wire.token_type.as_ref().filter(|t| !t.eq_ignore_ascii_case("bearer")) {
+        return Err(malformed(format!("token_type {:?} is not Bearer", t.chars().take(32).collect::<String>())));
     }
     let expires_in = match (&wire.expires_in, &wire.expires_on) {
         (Some(n), _) => n.seconds().ok_or_else(|| malformed("expires_in is not a number of seconds".to_owned()))?,
@@ -357,13 +359,13 @@ mod tests {
     #[test]
     fn parses_numbers_and_strings() {
         let p = parse_response(200, None, "application/json", br#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":"3599","refresh_in":1800,"access_token":"eyJ.a.b"}"#)
-            .ok()
-            .expect("valid");
+            .unwrap_or_else(|e| panic!("valid: {e}"));
         assert_eq!(p.access_token.expose_secret(), "eyJ.a.b");
         assert_eq!(p.expires_in, Duration::from_secs(3599));
         assert_eq!(p.ext_expires_in, Some(Duration::from_secs(3599)));
         assert_eq!(p.refresh_in, Some(Duration::from_secs(1800)));
-        let v1 = parse_response(200, None, "", br#"{"token_type":"Bearer","expires_in":"3600","access_token":"x"}"#).ok().expect("v1");
+        let v1 = parse_response(200, None, "", br#"{"token_type":"Bearer","expires_in":"3600","access_token":"x"}"#)
+            .unwrap_or_else(|e| panic!("v1: {e}"));
         assert_eq!(v1.expires_in, Duration::from_secs(3600));
     }
 

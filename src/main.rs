@@ -94,7 +94,13 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("TOKEND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match std::env::var("TOKEND_LOG") {
+        Err(_) => EnvFilter::new("info"),
+        Ok(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            eprintln!("tokend: TOKEND_LOG={spec:?} is not a valid filter ({e}); logging at info");
+            EnvFilter::new("info")
+        }),
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
@@ -125,30 +131,30 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Env { config } => {
-            let prepared = match load(&config) {
-                Ok(p) => p,
-                Err(code) => return Ok(code),
+            let server = match Config::load_server(&config) {
+                Ok(s) => s,
+                Err(e) => return Ok(config_error(&e)),
             };
-            print!("{}", commands::export_lines(commands::client_addr(&prepared.config), &prepared.identity_header));
+            print!("{}", commands::env(&server)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Token { config, resource, client_id } => {
+            let server = match Config::load_server(&config) {
+                Ok(s) => s,
+                Err(e) => return Ok(config_error(&e)),
+            };
+            println!("{}", commands::token(&server, &resource, client_id.as_deref()).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config, resource } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return Ok(config_error(&e)),
             };
-            println!("{}", commands::token(&config, &resource, client_id.as_deref()).await?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Check { config, resource } => {
-            let prepared = match load(&config) {
-                Ok(p) => p,
-                Err(code) => return Ok(code),
-            };
-            for w in &prepared.config.warnings {
+            for w in &config.warnings {
                 println!("warn  {w}");
             }
-            let lines = commands::check(&prepared.config, resource.as_deref()).await?;
+            let lines = commands::check(&config, resource.as_deref()).await?;
             for l in &lines {
                 println!("{}", l.text);
             }

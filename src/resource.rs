@@ -83,7 +83,11 @@ mod tests {
                 "https://management.core.windows.net//.default",
             ),
             ("api://my-app", "api://my-app", "api://my-app/.default"),
-            ("00000003-0000-0000-c000-000000000000", "00000003-0000-0000-c000-000000000000", "00000003-0000-0000-c000-000000000000/.default"),
+            (
+                "00000003-0000-0000-c000-000000000000",
+                "00000003-0000-0000-c000-000000000000",
+                "00000003-0000-0000-c000-000000000000/.default",
+            ),
         ];
         for (raw, norm, scope) in cases {
             let r = Resource::parse(raw).expect(raw);

@@ -75,10 +75,9 @@ pub fn router(broker: Arc<Broker>, hosts: HostPolicy) -> Router {
 
 async fn host_guard(State(hosts): State<Arc<HostPolicy>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path != "/healthz" && path != "/readyz" {
-        if let Some(host) = req.headers().get(header::HOST) {
-            let ok = host.to_str().is_ok_and(|h| hosts.allows(h));
-            if !ok {
+    if let Some(host) = req.headers().get(header::HOST).filter(|_| path != "/healthz" && path != "/readyz") {
+        {
+            if !host.to_str().is_ok_and(|h| hosts.allows(h)) {
                 let shown: String = String::from_utf8_lossy(host.as_bytes()).chars().take(100).collect();
                 return RequestError::bad_request(format!(
                     "header Host {shown:?} is not a loopback name or address; tokend only answers requests addressed to this machine"
@@ -96,7 +95,8 @@ async fn healthz() -> impl IntoResponse {
 
 async fn readyz(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
     let states = broker.readiness();
-    let pending: Vec<String> = states.iter().filter(|s| !s.ready).map(|s| format!("{} {}", s.identity, s.resource)).collect();
+    let pending: Vec<String> =
+        states.iter().filter(|s| !s.ready).map(|s| format!("{} {}", s.identity, s.resource)).collect();
     let status = if pending.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let word = if pending.is_empty() { "ready" } else { "not ready" };
     (status, axum::Json(serde_json::json!({ "status": word, "resources": states.len(), "pending": pending })))
@@ -164,10 +164,28 @@ mod tests {
     #[test]
     fn host_policy() {
         let p = HostPolicy::for_listen(&["10.1.2.3:80".parse().expect("addr")]);
-        for ok in ["127.0.0.1", "127.0.0.1:50342", "localhost", "LOCALHOST:1", "localhost.", "[::1]:50342", "[::1]", "127.9.9.9:1", "10.1.2.3"] {
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:50342",
+            "localhost",
+            "LOCALHOST:1",
+            "localhost.",
+            "[::1]:50342",
+            "[::1]",
+            "127.9.9.9:1",
+            "10.1.2.3",
+        ] {
             assert!(p.allows(ok), "{ok}");
         }
-        for bad in ["evil.example", "evil.example:50342", "localhost.evil.example", "10.1.2.4", "[::2]:1", "", "127.0.0.1.nip.io"] {
+        for bad in [
+            "evil.example",
+            "evil.example:50342",
+            "localhost.evil.example",
+            "10.1.2.4",
+            "[::2]:1",
+            "",
+            "127.0.0.1.nip.io",
+        ] {
             assert!(!p.allows(bad), "{bad}");
         }
     }

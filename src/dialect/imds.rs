@@ -24,7 +24,7 @@ pub async fn token(State(broker): State<Arc<Broker>>, headers: HeaderMap, RawQue
 }
 
 async fn handle(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<Response, RequestError> {
-    if !header_str(headers, "metadata").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+    if header_str(headers, "metadata") != Some("true") {
         return Err(RequestError::bad_request("Required metadata header not specified"));
     }
     for h in ["x-forwarded-for", "forwarded"] {

@@ -53,7 +53,12 @@ pub struct RequestError {
 impl RequestError {
     /// A 400 `invalid_request`.
     pub fn bad_request(description: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, code: "invalid_request", description: description.into(), retry_after: None }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            description: description.into(),
+            retry_after: None,
+        }
     }
 
     /// Renders the error in `dialect`'s shape.
@@ -86,15 +91,21 @@ impl From<TokenError> for RequestError {
                 // Integer seconds, rounded up, at least 1.
                 retry_after: Some((retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1)),
             },
-            TokenError::CredentialRejected { .. } => {
-                Self { status: StatusCode::INTERNAL_SERVER_ERROR, code: "invalid_client", description, retry_after: None }
-            }
+            TokenError::CredentialRejected { .. } => Self {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                code: "invalid_client",
+                description,
+                retry_after: None,
+            },
             TokenError::BadResource { .. } => {
                 Self { status: StatusCode::BAD_REQUEST, code: "invalid_resource", description, retry_after: None }
             }
-            TokenError::Failed { .. } => {
-                Self { status: StatusCode::INTERNAL_SERVER_ERROR, code: "upstream_error", description, retry_after: None }
-            }
+            TokenError::Failed { .. } => Self {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                code: "upstream_error",
+                description,
+                retry_after: None,
+            },
         }
     }
 }
@@ -180,14 +191,19 @@ pub fn check_api_version(v: Option<&str>, min: &str) -> Result<(), RequestError>
     let b = date.as_bytes();
     let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
     let shape = b.len() == 10 && b[4] == b'-' && b[7] == b'-' && digits(0..4) && digits(5..7) && digits(8..10);
-    let month_day_ok = shape && (&date[5..7] >= "01" && &date[5..7] <= "12") && (&date[8..10] >= "01" && &date[8..10] <= "31");
+    let month_day_ok =
+        shape && (&date[5..7] >= "01" && &date[5..7] <= "12") && (&date[8..10] >= "01" && &date[8..10] <= "31");
     let suffix_ok = v.len() == 10 || (v.len() <= 32 && v.get(10..).is_some_and(|s| s.starts_with('-')));
     if !month_day_ok || !suffix_ok {
         let shown: String = v.chars().take(40).collect();
-        return Err(RequestError::bad_request(format!("query parameter api-version {shown:?} is not a version date like {min}")));
+        return Err(RequestError::bad_request(format!(
+            "query parameter api-version {shown:?} is not a version date like {min}"
+        )));
     }
     if date < min {
-        return Err(RequestError::bad_request(format!("query parameter api-version {v:?} is not supported; use {min} or later")));
+        return Err(RequestError::bad_request(format!(
+            "query parameter api-version {v:?} is not supported; use {min} or later"
+        )));
     }
     Ok(())
 }
@@ -249,14 +265,18 @@ mod tests {
     #[test]
     fn parses_raw_and_encoded_queries() {
         let raw = parse_query(Some("api-version=2018-02-01&resource=https://storage.azure.com/")).expect("valid");
-        let enc = parse_query(Some("api-version=2018-02-01&resource=https%3A%2F%2Fstorage.azure.com%2F")).expect("valid");
+        let enc =
+            parse_query(Some("api-version=2018-02-01&resource=https%3A%2F%2Fstorage.azure.com%2F")).expect("valid");
         assert_eq!(raw, enc);
         assert_eq!(raw.resource.as_deref(), Some("https://storage.azure.com/"));
         let q = parse_query(Some("resource=r&client_id=abc&unknown=1")).expect("valid");
         assert_eq!(q.selector, Some(Selector::ClientId("abc".into())));
         let q = parse_query(Some("resource=r&mi_res_id=%2Fsubscriptions%2Fx")).expect("valid");
         assert_eq!(q.selector, Some(Selector::ResourceId("/subscriptions/x".into())));
-        assert_eq!(parse_query(Some("resource=r&principal_id=p")).expect("valid").selector, Some(Selector::ObjectId("p".into())));
+        assert_eq!(
+            parse_query(Some("resource=r&principal_id=p")).expect("valid").selector,
+            Some(Selector::ObjectId("p".into()))
+        );
         assert_eq!(parse_query(Some("resource=r&client_id=")).expect("valid").selector, None);
         assert_eq!(parse_query(None).expect("valid"), TokenQuery::default());
     }
@@ -272,7 +292,7 @@ mod tests {
             ("resource=%", "percent-encoding"),
         ];
         for (q, what) in cases {
-            let e = parse_query(Some(q)).err().expect(q);
+            let e = parse_query(Some(q)).expect_err(q);
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
             assert!(e.description.contains(what), "{q}: {}", e.description);
         }
@@ -283,7 +303,15 @@ mod tests {
         for ok in ["2018-02-01", "2019-08-01", "2021-02-01", "2025-01-01-preview"] {
             assert!(check_api_version(Some(ok), "2018-02-01").is_ok(), "{ok}");
         }
-        for bad in [None, Some("2017-09-01"), Some("2018-02-1"), Some("latest"), Some("9999-99-99"), Some(""), Some("2018-02-01x")] {
+        for bad in [
+            None,
+            Some("2017-09-01"),
+            Some("2018-02-1"),
+            Some("latest"),
+            Some("9999-99-99"),
+            Some(""),
+            Some("2018-02-01x"),
+        ] {
             assert!(check_api_version(bad, "2018-02-01").is_err(), "{bad:?}");
         }
         assert!(check_api_version(Some("2018-02-01"), "2019-08-01").is_err());
@@ -292,11 +320,23 @@ mod tests {
     #[test]
     fn token_errors_map_to_statuses() {
         use std::time::Duration;
-        let e = RequestError::from(TokenError::Unavailable { identity: "d".into(), cause: "x".into(), retry_after: Duration::from_millis(1500) });
+        let e = RequestError::from(TokenError::Unavailable {
+            identity: "d".into(),
+            cause: "x".into(),
+            retry_after: Duration::from_millis(1500),
+        });
         assert_eq!((e.status, e.retry_after), (StatusCode::SERVICE_UNAVAILABLE, Some(2)));
-        let e = RequestError::from(TokenError::Unavailable { identity: "d".into(), cause: "x".into(), retry_after: Duration::ZERO });
+        let e = RequestError::from(TokenError::Unavailable {
+            identity: "d".into(),
+            cause: "x".into(),
+            retry_after: Duration::ZERO,
+        });
         assert_eq!(e.retry_after, Some(1));
-        let e = RequestError::from(TokenError::CredentialRejected { identity: "default".into(), client_id: "c".into(), error: "invalid_client".into() });
+        let e = RequestError::from(TokenError::CredentialRejected {
+            identity: "default".into(),
+            client_id: "c".into(),
+            error: "invalid_client".into(),
+        });
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(e.description.contains("invalid_client") && e.description.contains("\"default\""), "{}", e.description);
         let e = RequestError::from(TokenError::BadResource { resource: "r".into(), error: "invalid_target".into() });

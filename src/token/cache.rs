@@ -35,11 +35,19 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Where tokens come from: the real [`IdpClient`], or a fake in unit tests.
 pub trait TokenSource: Send + Sync + 'static {
     /// One upstream request.
-    fn fetch<'a>(&'a self, identity: &'a Identity, resource: &'a Resource) -> BoxFuture<'a, Result<IssuedToken, IdpError>>;
+    fn fetch<'a>(
+        &'a self,
+        identity: &'a Identity,
+        resource: &'a Resource,
+    ) -> BoxFuture<'a, Result<IssuedToken, IdpError>>;
 }
 
 impl TokenSource for IdpClient {
-    fn fetch<'a>(&'a self, identity: &'a Identity, resource: &'a Resource) -> BoxFuture<'a, Result<IssuedToken, IdpError>> {
+    fn fetch<'a>(
+        &'a self,
+        identity: &'a Identity,
+        resource: &'a Resource,
+    ) -> BoxFuture<'a, Result<IssuedToken, IdpError>> {
         Box::pin(IdpClient::fetch(self, identity, resource))
     }
 }
@@ -153,7 +161,12 @@ impl std::fmt::Debug for TokenCache {
 
 impl TokenCache {
     /// An empty cache whose refreshers run on `tracker` and stop on `cancel`.
-    pub fn new(source: Arc<dyn TokenSource>, policy: TokensConfig, tracker: TaskTracker, cancel: CancellationToken) -> Self {
+    pub fn new(
+        source: Arc<dyn TokenSource>,
+        policy: TokensConfig,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
         let inner = Inner {
             source,
             policy,
@@ -202,7 +215,11 @@ impl TokenCache {
 
     /// A token for `resource` as `identity` with more than `min_lifetime` left, waiting at most
     /// `max_wait` when none is cached. The `bool` is true when it was served from the cache at once.
-    pub async fn get(&self, identity: &Arc<Identity>, resource: &Resource) -> Result<(Arc<AccessToken>, bool), TokenError> {
+    pub async fn get(
+        &self,
+        identity: &Arc<Identity>,
+        resource: &Resource,
+    ) -> Result<(Arc<AccessToken>, bool), TokenError> {
         let policy = self.inner.policy;
         let deadline = Instant::now() + policy.max_wait;
         let mut first_look = true;
@@ -229,6 +246,13 @@ impl TokenCache {
                 entry.wake.notify_one();
                 match tokio::time::timeout_at(deadline, rx.changed()).await {
                     Ok(Ok(())) => continue,
+                    Ok(Err(_closed)) if self.inner.cancel.is_cancelled() => {
+                        return Err(TokenError::Unavailable {
+                            identity: identity.name.clone(),
+                            cause: "tokend is shutting down".to_owned(),
+                            retry_after: Duration::from_secs(1),
+                        });
+                    }
                     Ok(Err(_closed)) => break, // the entry was dropped: look it up again
                     Err(_elapsed) => {
                         let now = Instant::now();
@@ -477,10 +501,12 @@ mod tests {
         let fake = Fake::new(Duration::from_millis(300), vec![Ok(3600)]);
         let c = cache(fake.clone(), 300);
         let id = ident();
-        let waits: Vec<_> = (0..50).map(|_| {
-            let (c, id) = (c.clone(), id.clone());
-            tokio::spawn(async move { c.get(&id, &res()).await })
-        }).collect();
+        let waits: Vec<_> = (0..50)
+            .map(|_| {
+                let (c, id) = (c.clone(), id.clone());
+                tokio::spawn(async move { c.get(&id, &res()).await })
+            })
+            .collect();
         for w in waits {
             let (t, _) = w.await.expect("join").expect("token");
             assert_eq!(t.secret(), "token-0");
@@ -531,7 +557,9 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(10)).await;
         let started = Instant::now();
         match c.get(&id, &res()).await {
-            Err(TokenError::Unavailable { retry_after, .. }) => assert!(retry_after <= Duration::from_secs(30), "{retry_after:?}"),
+            Err(TokenError::Unavailable { retry_after, .. }) => {
+                assert!(retry_after <= Duration::from_secs(30), "{retry_after:?}")
+            }
             other => panic!("expected Unavailable, got {other:?}"),
         }
         assert!(started.elapsed() <= Duration::from_secs(8));
@@ -615,7 +643,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn bad_resource_is_the_callers_error() {
-        let fake = Fake::new(Duration::from_millis(10), vec![Err(IdpError::BadResource { status: 400, error: "invalid_target".into() })]);
+        let fake = Fake::new(
+            Duration::from_millis(10),
+            vec![Err(IdpError::BadResource { status: 400, error: "invalid_target".into() })],
+        );
         let c = cache(fake.clone(), 300);
         for _ in 0..5 {
             assert!(matches!(c.get(&ident(), &res()).await, Err(TokenError::BadResource { .. })));

@@ -117,7 +117,9 @@ pub enum TokenError {
         retry_after: Duration,
     },
     /// The IdP rejected the identity's credential: a server-side misconfiguration (5xx).
-    #[error("the identity provider answered {error} for identity {identity:?}: its credential (client id {client_id}) was rejected")]
+    #[error(
+        "the identity provider answered {error} for identity {identity:?}: its credential (client id {client_id}) was rejected"
+    )]
     CredentialRejected {
         /// Identity name.
         identity: String,

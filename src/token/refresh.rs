@@ -115,19 +115,22 @@ mod tests {
     fn refresh_policy_table() {
         // (lifetime, refresh_in, min_lifetime, jitter, expected)
         let table = [
-            (S(3600), None, S(300), 0.0, S(1800)),              // half-life wins
-            (S(3600), None, S(300), 0.999_999, S(1620)),        // up to 10 % earlier
-            (S(3600), Some(S(1200)), S(300), 0.0, S(1200)),     // refresh_in wins
-            (S(86_400), None, S(300), 0.0, S(43_200)),          // long tokens: half-life
-            (S(600), None, S(300), 0.0, S(270)),                // < 2×min: L − m − margin (margin 30 s)
+            (S(3600), None, S(300), 0.0, S(1800)),                  // half-life wins
+            (S(3600), None, S(300), 0.999_999, S(1620)),            // up to 10 % earlier
+            (S(3600), Some(S(1200)), S(300), 0.0, S(1200)),         // refresh_in wins
+            (S(86_400), None, S(300), 0.0, S(43_200)),              // long tokens: half-life
+            (S(600), None, S(300), 0.0, S(270)),                    // < 2×min: L − m − margin (margin 30 s)
             (S(20), None, S(15), 0.0, Duration::from_millis(4500)), // margin = a tenth of the 5 s window
-            (S(16), None, S(15), 0.0, S(1)),                    // clamped to MIN_REFRESH_AFTER
-            (S(60), None, S(0), 0.0, S(30)),                    // no floor: half-life
+            (S(16), None, S(15), 0.0, S(1)),                        // clamped to MIN_REFRESH_AFTER
+            (S(60), None, S(0), 0.0, S(30)),                        // no floor: half-life
         ];
         for (lifetime, refresh_in, min, jitter, want) in table {
             let got = refresh_after(lifetime, refresh_in, min, jitter).expect("servable");
             let diff = got.abs_diff(want);
-            assert!(diff < Duration::from_millis(2), "{lifetime:?} {refresh_in:?} {min:?} {jitter}: got {got:?}, want {want:?}");
+            assert!(
+                diff < Duration::from_millis(2),
+                "{lifetime:?} {refresh_in:?} {min:?} {jitter}: got {got:?}, want {want:?}"
+            );
         }
     }
 
@@ -148,7 +151,7 @@ mod tests {
 
     #[test]
     fn tokens_that_never_clear_the_floor_are_reported() {
-        let e = refresh_after(S(300), None, S(300), 0.0).err().expect("too short");
+        let e = refresh_after(S(300), None, S(300), 0.0).expect_err("too short");
         assert_eq!(e, TooShortLived { lifetime: S(300), min_lifetime: S(300) });
         assert!(e.to_string().contains("tokens.min_lifetime"));
         assert!(refresh_after(S(60), None, S(300), 0.0).is_err());

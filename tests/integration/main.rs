@@ -1,1 +1,13 @@
+//! Integration tests: the real `tokend` binary against the real test IdP (npm `oidc-provider`, see
+//! tests/idp) over real sockets, and real Azure SDK clients (Python azure-identity) against `tokend`.
 
+// Helpers are `pub` for the sibling test modules of this one binary.
+#![allow(unreachable_pub)]
+
+mod cli;
+mod clients;
+mod failures;
+mod refresh;
+mod secrecy;
+mod serving;
+mod support;

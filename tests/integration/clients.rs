@@ -1,0 +1,64 @@
+//! Real Azure SDK clients (Python azure-identity 1.27 / msal 1.39) against the real tokend.
+
+use serde_json::Value;
+
+use crate::support::*;
+
+async fn broker_token(t: &Tokend, resource: &str, extra: &str) -> String {
+    let v: Value =
+        t.imds(&format!("api-version=2018-02-01&resource={resource}{extra}")).await.json().await.expect("json");
+    v["access_token"].as_str().unwrap_or_else(|| panic!("no token: {v}")).to_owned()
+}
+
+fn ok_token(v: &Value) -> String {
+    assert_eq!(v["ok"], true, "client failed: {v}");
+    v["token"].as_str().expect("token").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn azure_identity_managed_identity_credential_on_both_routes() {
+    let idp = Idp::start(3600).await;
+    let mut o = Opts::new(&idp);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s2 = dir.path().join("s2");
+    std::fs::write(&s2, SECRET_2).expect("write");
+    o.extra = format!(
+        "[[identity]]\nname = \"second\"\nclient_id = \"{CLIENT_ID_2}\"\ntoken_url = \"{}\"\nclient_secret_file = \"{}\"\n",
+        idp.token_url(),
+        s2.display()
+    );
+    let t = Tokend::start(&o).await;
+    let app_env = vec![("IDENTITY_ENDPOINT", t.url("/msi/token")), ("IDENTITY_HEADER", t.identity_header())];
+    let imds_env = vec![("AZURE_POD_IDENTITY_AUTHORITY_HOST", t.url(""))];
+
+    let (app, imds, user_assigned, cli_resource, default_cred) = tokio::join!(
+        python_client(&["mi", "https://storage.azure.com", "--twice"], &app_env),
+        python_client(&["mi", "https://vault.azure.net"], &imds_env),
+        python_client(&["mi-client-id", "https://storage.azure.com", "--client-id", CLIENT_ID_2], &app_env),
+        python_client(&["mi", "https://management.core.windows.net/"], &app_env),
+        python_client(&["default", "https://graph.microsoft.com"], &imds_env),
+    );
+
+    let token = ok_token(&app);
+    assert_eq!(app["second_equal"], true, "the second get_token is served from the client's cache");
+    assert_eq!(
+        token,
+        broker_token(&t, "https://storage.azure.com", "").await,
+        "App Service route: tokend's cached token"
+    );
+    let expires_on = app["expires_on"].as_u64().expect("expires_on");
+    assert_eq!(expires_on, jwt_claims(&token)["exp"].as_u64().expect("exp"), "expires_on parsed from the string");
+
+    let token = ok_token(&imds);
+    assert_eq!(token, broker_token(&t, "https://vault.azure.net", "").await, "IMDS route: tokend's cached token");
+
+    let token = ok_token(&user_assigned);
+    assert_eq!(jwt_claims(&token)["client_id"], CLIENT_ID_2, "client_id selects the second identity");
+
+    let token = ok_token(&cli_resource);
+    assert_eq!(jwt_claims(&token)["aud"], "https://management.core.windows.net/", "trailing slash kept");
+
+    let token = ok_token(&default_cred);
+    assert_eq!(jwt_claims(&token)["aud"], "https://graph.microsoft.com");
+    assert_eq!(idp.token_requests().await, 5, "one upstream call per (identity, resource): 5 keys");
+}
