@@ -641,6 +641,39 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(8));
     }
 
+    /// Panics on its first call, then behaves.
+    struct Panicky(AtomicUsize);
+
+    impl TokenSource for Panicky {
+        fn fetch<'a>(&'a self, _: &'a Identity, _: &'a Resource) -> BoxFuture<'a, Result<IssuedToken, IdpError>> {
+            Box::pin(async move {
+                if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("simulated bug in the IdP client");
+                }
+                Ok(IssuedToken {
+                    access_token: "after-panic".to_owned().into(),
+                    expires_in: Duration::from_secs(3600),
+                    ext_expires_in: None,
+                    refresh_in: None,
+                    requested_at: SystemTime::now(),
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_in_an_attempt_does_not_kill_the_refresher() {
+        let policy = TokensConfig { max_wait: Duration::from_secs(8), ..TokensConfig::default() };
+        let c = TokenCache::new(
+            Arc::new(Panicky(AtomicUsize::new(0))),
+            policy,
+            TaskTracker::new(),
+            CancellationToken::new(),
+        );
+        let (t, _) = c.get(&ident(), &res()).await.expect("the retry after the panic succeeds within max_wait");
+        assert_eq!(t.secret(), "after-panic");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn bad_resource_is_the_callers_error() {
         let fake = Fake::new(

@@ -11,3 +11,4 @@ mod refresh;
 mod secrecy;
 mod serving;
 mod support;
+mod upstream;

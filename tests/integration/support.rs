@@ -36,7 +36,34 @@ pub struct Idp {
     child: Child,
     pub port: u16,
     pub log: PathBuf,
+    /// The private CA's certificate when the IdP serves HTTPS.
+    pub ca: Option<PathBuf>,
     _dir: tempfile::TempDir,
+}
+
+/// Generates a private CA and a server certificate for 127.0.0.1/localhost in `dir` with openssl;
+/// returns (ca.crt, tls.crt, tls.key).
+pub fn make_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &str| {
+        let out = Command::new("sh").arg("-c").arg(args).current_dir(dir).output().expect("sh");
+        assert!(
+            out.status.success(),
+            "{args}: {} (openssl is required: apt-get install openssl)",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=tokend-test-ca \
+         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null");
+    run("openssl req -newkey rsa:2048 -nodes -keyout tls.key -out tls.csr -subj /CN=127.0.0.1 2>/dev/null");
+    std::fs::write(
+        dir.join("san.cnf"),
+        "[ext]\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("san");
+    run(
+        "openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out tls.crt -days 2 -extfile san.cnf -extensions ext 2>/dev/null",
+    );
+    (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"))
 }
 
 impl Idp {
@@ -45,6 +72,28 @@ impl Idp {
     }
 
     pub async fn start_on(port: u16, ttl_secs: u64) -> Self {
+        Self::launch(port, ttl_secs, false).await
+    }
+
+    /// An HTTPS IdP whose certificate is signed by a fresh private CA (`self.ca`).
+    pub async fn start_tls(ttl_secs: u64) -> Self {
+        Self::launch(free_port(), ttl_secs, true).await
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.ca.is_some() { "https" } else { "http" }
+    }
+
+    fn client(&self) -> reqwest::Client {
+        let mut b = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(60));
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca).expect("ca");
+            b = b.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).expect("pem"));
+        }
+        b.build().expect("client")
+    }
+
+    async fn launch(port: u16, ttl_secs: u64, tls: bool) -> Self {
         let dir = std::env::var_os("TOKEND_TEST_IDP_DIR").map_or_else(|| repo().join("tests/idp"), PathBuf::from);
         assert!(
             dir.join("node_modules/oidc-provider").is_dir(),
@@ -54,20 +103,24 @@ impl Idp {
         let tmp = tempfile::tempdir().expect("tempdir");
         let log = tmp.path().join("idp.log");
         let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new("node")
-            .arg("idp.mjs")
+        let mut cmd = Command::new("node");
+        cmd.arg("idp.mjs")
             .current_dir(&dir)
             .env("IDP_PORT", port.to_string())
             .env("TOKEN_TTL", ttl_secs.to_string())
             .env("IDP_TENANT", TENANT)
             .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .spawn()
-            .expect("cannot run `node`: install Node.js (apt-get install nodejs npm)");
-        let idp = Self { child, port, log, _dir: tmp };
+            .stderr(out);
+        let ca = tls.then(|| {
+            let (ca, cert, key) = make_tls(tmp.path());
+            cmd.env("IDP_TLS_CERT", cert).env("IDP_TLS_KEY", key);
+            ca
+        });
+        let child = cmd.spawn().expect("cannot run `node`: install Node.js (apt-get install nodejs npm)");
+        let idp = Self { child, port, log, ca, _dir: tmp };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if http().get(idp.admin("stats")).send().await.is_ok_and(|r| r.status().is_success()) {
+            if idp.client().get(idp.admin("stats")).send().await.is_ok_and(|r| r.status().is_success()) {
                 return idp;
             }
             assert!(
@@ -80,32 +133,32 @@ impl Idp {
     }
 
     pub fn token_url(&self) -> String {
-        format!("http://127.0.0.1:{}/{TENANT}/oauth2/v2.0/token", self.port)
+        format!("{}://127.0.0.1:{}/{TENANT}/oauth2/v2.0/token", self.scheme(), self.port)
     }
 
     fn admin(&self, what: &str) -> String {
-        format!("http://127.0.0.1:{}/__admin/{what}", self.port)
+        format!("{}://127.0.0.1:{}/__admin/{what}", self.scheme(), self.port)
     }
 
     /// Queues faults for token requests: `{"status":503,"count":2,"headers":{..}}`, `{"delay_ms":..}`, `{"drop":true}`.
     pub async fn fault(&self, fault: Value) {
-        let r = http().post(self.admin("fault")).json(&fault).send().await.expect("fault");
+        let r = self.client().post(self.admin("fault")).json(&fault).send().await.expect("fault");
         assert!(r.status().is_success());
     }
 
     pub async fn reset(&self) {
-        http().post(self.admin("reset")).send().await.expect("reset");
+        self.client().post(self.admin("reset")).send().await.expect("reset");
     }
 
     /// Token requests seen since start (or the last reset), faulted ones included.
     pub async fn token_requests(&self) -> u64 {
-        let v: Value = http().get(self.admin("stats")).send().await.expect("stats").json().await.expect("json");
+        let v: Value = self.client().get(self.admin("stats")).send().await.expect("stats").json().await.expect("json");
         v["token_requests"].as_u64().expect("count")
     }
 
     /// Every request the IdP logged: `{t, method, path, headers, body}`.
     pub async fn requests(&self) -> Vec<Value> {
-        http().get(self.admin("requests")).send().await.expect("requests").json().await.expect("json")
+        self.client().get(self.admin("requests")).send().await.expect("requests").json().await.expect("json")
     }
 
     pub fn kill(&mut self) {
@@ -222,7 +275,12 @@ impl Tokend {
         let out = std::fs::File::create(&log).expect("log");
         let mut cmd = Command::new(tokend_bin());
         cmd.args(["serve", "--config"]).arg(&config).stdout(out.try_clone().expect("dup")).stderr(out);
-        cmd.env("TOKEND_LOG", "info,tokend=debug").env_remove("HTTPS_PROXY").env_remove("HTTP_PROXY");
+        cmd.env("TOKEND_LOG", "info,tokend=debug");
+        for var in
+            ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy", "NO_PROXY", "no_proxy"]
+        {
+            cmd.env_remove(var);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
