@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command of the project: formatting, lints and all tests (unit + integration).
 # Integration tests use a real identity provider (tests/idp, Node.js) and real Azure SDK clients
-# (tests/clients, Python venv in .venv-test); both are installed here on first use and reused after.
+# (tests/clients: Python venv in .venv-test, JavaScript in tests/clients/js); all are installed here on
+# first use and reused after.
 #
 # Usage: scripts/test.sh [ARGS...]    ARGS are passed to `cargo test` (e.g. a test-name filter).
 set -euo pipefail
@@ -36,6 +37,15 @@ else
     echo "test IdP dependencies are up to date ($IDP_DIR/node_modules)"
 fi
 
+# ---- Azure SDK client for JavaScript (npm) ------------------------------------------------------
+JS_DIR=tests/clients/js
+if [[ ! -f $JS_DIR/node_modules/.package-lock.json || $JS_DIR/package-lock.json -nt $JS_DIR/node_modules/.package-lock.json ]]; then
+    banner "Installing the JavaScript Azure SDK test client's npm dependencies ($JS_DIR)"
+    npm ci --prefix "$JS_DIR" --no-audit --no-fund
+else
+    echo "JavaScript Azure SDK test client dependencies are up to date ($JS_DIR/node_modules)"
+fi
+
 # ---- Azure SDK clients (Python venv) -----------------------------------------------------------
 VENV=.venv-test
 LOCK=tests/clients/requirements.lock
@@ -57,6 +67,7 @@ fi
 
 export TOKEND_TEST_PYTHON=$ROOT/$VENV/bin/python
 export TOKEND_TEST_IDP_DIR=$ROOT/$IDP_DIR
+export TOKEND_TEST_JS_DIR=$ROOT/$JS_DIR
 
 # ---- Rust ----------------------------------------------------------------------------------------
 banner "cargo fmt --all -- --check"

@@ -319,12 +319,13 @@ impl Validator<'_> {
                     format!("{text:?} is not an IP:port address (e.g. \"127.0.0.1:50342\" or \"[::1]:50342\")"),
                 )
             })?;
-            if !addr.ip().is_loopback() && !allow_non_loopback {
+            let host_local = addr.ip().is_loopback() || crate::transparent::is_imds_ip(addr.ip());
+            if !host_local && !allow_non_loopback {
                 return Err(self.err(
                     &key,
                     format!(
-                        "{addr} is not a loopback address; anyone who can connect gets tokens, so tokend refuses it \
-                         unless server.allow_non_loopback = true"
+                        "{addr} is not a loopback address (nor 169.254.169.254, transparent IMDS); anyone who can \
+                         connect gets tokens, so tokend refuses it unless server.allow_non_loopback = true"
                     ),
                 ));
             }

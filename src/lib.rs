@@ -17,6 +17,7 @@
 //! - [`dev`]: the built-in development issuer behind `tokend dev`.
 //! - [`commands`]: the `env`, `token` and `check` subcommands.
 //! - [`signal`]: SIGTERM/SIGINT handling.
+//! - [`transparent`]: transparent IMDS — serving on 169.254.169.254:80 aliased on `lo`.
 
 pub mod broker;
 pub mod commands;
@@ -30,3 +31,4 @@ pub mod resource;
 pub mod server;
 pub mod signal;
 pub mod token;
+pub mod transparent;

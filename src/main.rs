@@ -31,6 +31,12 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AliasAction {
+    Setup,
+    Teardown,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker.
@@ -65,6 +71,13 @@ enum Command {
         /// Resource to ask for (default: each identity's first resource, else https://management.azure.com/).
         #[arg(long)]
         resource: Option<String>,
+    },
+    /// Transparent IMDS: alias 169.254.169.254 on `lo` (refusing if a real IMDS answers there), or remove it.
+    /// Run as root, e.g. from systemd `ExecStartPre=+` / `ExecStopPost=+`.
+    TransparentImds {
+        /// `setup` or `teardown`.
+        #[arg(value_enum)]
+        action: AliasAction,
     },
     /// Development only: run a built-in local issuer and a broker against it. No config, no credentials.
     Dev {
@@ -126,8 +139,27 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
             };
+            // Transparent IMDS: never shadow a metadata service that already answers there.
+            for addr in prepared.config.server.listen.iter().filter(|a| tokend::transparent::is_imds_ip(a.ip())) {
+                if let Err(e) = tokend::transparent::probe(*addr).await {
+                    eprintln!("tokend: {e}");
+                    return Ok(ExitCode::from(EX_USAGE));
+                }
+            }
             let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
             commands::run(prepared, tracker, cancel, |_| {}, tokend::signal::shutdown()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::TransparentImds { action: AliasAction::Setup } => match tokend::transparent::setup().await {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) if e.is::<tokend::transparent::ImdsPresent>() => {
+                eprintln!("tokend: {e}");
+                Ok(ExitCode::from(EX_USAGE))
+            }
+            Err(e) => Err(e),
+        },
+        Command::TransparentImds { action: AliasAction::Teardown } => {
+            tokend::transparent::teardown()?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Env { config } => {

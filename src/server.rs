@@ -131,9 +131,19 @@ async fn method_not_allowed(req: Request) -> Response {
 pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        let l = TcpListener::bind(addr).await.map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrNotAvailable if crate::transparent::is_imds_ip(addr.ip()) => {
+                    "; the address is not on this host: run `tokend transparent-imds setup` (or \
+                     `ip addr add 169.254.169.254/32 dev lo`) first"
+                }
+                std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+                    "; ports below 1024 need CAP_NET_BIND_SERVICE (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE)"
+                }
+                _ => "",
+            };
+            std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}{hint}"))
+        })?;
         out.push(l);
     }
     Ok(out)

@@ -25,6 +25,9 @@ pub async fn token(State(broker): State<Arc<Broker>>, headers: HeaderMap, RawQue
 
 async fn handle(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<Response, RequestError> {
     if header_str(headers, "metadata") != Some("true") {
+        tracing::debug!(
+            "IMDS request without `Metadata: true` answered 400 (an availability probe, or a misconfigured client)"
+        );
         return Err(RequestError::bad_request("Required metadata header not specified"));
     }
     for h in ["x-forwarded-for", "forwarded"] {

@@ -62,3 +62,35 @@ async fn azure_identity_managed_identity_credential_on_both_routes() {
     assert_eq!(jwt_claims(&token)["aud"], "https://graph.microsoft.com");
     assert_eq!(idp.token_requests().await, 5, "one upstream call per (identity, resource): 5 keys");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rust_sdk_managed_identity_credential_via_app_service_variables() {
+    let idp = Idp::start(3600).await;
+    let t = Tokend::start(&Opts::new(&idp)).await;
+    let env = vec![("IDENTITY_ENDPOINT", t.url("/msi/token")), ("IDENTITY_HEADER", t.identity_header())];
+    let (system, user) = tokio::join!(
+        run_client(Client::AzureIdentityRust, None, &["mi", "https://storage.azure.com"], &env),
+        run_client(
+            Client::AzureIdentityRust,
+            None,
+            &["mi-client-id", "https://storage.azure.com", "--client-id", CLIENT_ID],
+            &env
+        ),
+    );
+    let token = ok_token(&system);
+    assert_eq!(token, broker_token(&t, "https://storage.azure.com", "").await);
+    assert_eq!(system["expires_on"].as_u64(), jwt_claims(&token)["exp"].as_u64(), "expires_on parsed from the string");
+    assert_eq!(ok_token(&user), token, "client_id of the default identity selects it");
+    // A client id no identity has: the SDK reports the 400 as an unassigned identity, without retrying for a minute.
+    let started = std::time::Instant::now();
+    let r = run_client(
+        Client::AzureIdentityRust,
+        None,
+        &["mi-client-id", "https://storage.azure.com", "--client-id", "nobody"],
+        &env,
+    )
+    .await;
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().expect("error").contains("has not been assigned"), "{r}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

@@ -11,4 +11,5 @@ mod refresh;
 mod secrecy;
 mod serving;
 mod support;
+mod transparent;
 mod upstream;

@@ -371,19 +371,76 @@ impl Drop for Tokend {
     }
 }
 
-/// Runs a real azure-identity client (tests/clients/get_token.py) in a fresh process with a clean
-/// environment plus `env`. Returns its one JSON line.
+/// A real Azure SDK client program, each with the same contract: `MODE RESOURCE [--client-id ID] [--twice]`
+/// in, one JSON line out (see tests/clients/get_token.py).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// Python azure-identity (tests/clients/get_token.py).
+    AzureIdentityPython,
+    /// msal-python's ManagedIdentityClient (tests/clients/msal_token.py).
+    MsalPython,
+    /// The Rust SDK, azure_identity 1.0 (examples/rust_sdk_token.rs).
+    AzureIdentityRust,
+    /// JavaScript @azure/identity (tests/clients/js/get_token.mjs).
+    AzureIdentityJs,
+}
+
+fn client_program(client: Client) -> (PathBuf, Vec<PathBuf>) {
+    let python = || {
+        let p =
+            std::env::var_os("TOKEND_TEST_PYTHON").map_or_else(|| repo().join(".venv-test/bin/python"), PathBuf::from);
+        assert!(
+            p.exists(),
+            "no Python venv with azure-identity at {}: run ./scripts/test.sh (it creates .venv-test from tests/clients/requirements.lock)",
+            p.display()
+        );
+        p
+    };
+    match client {
+        Client::AzureIdentityPython => (python(), vec![repo().join("tests/clients/get_token.py")]),
+        Client::MsalPython => (python(), vec![repo().join("tests/clients/msal_token.py")]),
+        Client::AzureIdentityRust => {
+            let exe = std::env::current_exe().expect("test exe");
+            let bin = exe.parent().and_then(Path::parent).expect("target dir").join("examples/rust_sdk_token");
+            assert!(
+                bin.exists(),
+                "{} is missing: build it with `cargo test --all-targets` (scripts/test.sh does)",
+                bin.display()
+            );
+            (bin, vec![])
+        }
+        Client::AzureIdentityJs => {
+            let dir =
+                std::env::var_os("TOKEND_TEST_JS_DIR").map_or_else(|| repo().join("tests/clients/js"), PathBuf::from);
+            assert!(
+                dir.join("node_modules/@azure/identity").is_dir(),
+                "the JavaScript client's npm packages are missing in {}: run ./scripts/test.sh (or `npm ci --prefix tests/clients/js`)",
+                dir.display()
+            );
+            (PathBuf::from("node"), vec![dir.join("get_token.mjs")])
+        }
+    }
+}
+
+/// Runs a real azure-identity (Python) client; see [`run_client`].
 pub async fn python_client(args: &[&str], env: &[(&str, String)]) -> Value {
-    let python =
-        std::env::var_os("TOKEND_TEST_PYTHON").map_or_else(|| repo().join(".venv-test/bin/python"), PathBuf::from);
-    assert!(
-        python.exists(),
-        "no Python venv with azure-identity at {}: run ./scripts/test.sh (it creates .venv-test from tests/clients/requirements.lock)",
-        python.display()
-    );
+    run_client(Client::AzureIdentityPython, None, args, env).await
+}
+
+/// Runs `client` in a fresh process with a clean environment plus `env` (inside network namespace
+/// `netns` when given). Returns its one JSON line.
+pub async fn run_client(client: Client, netns: Option<&str>, args: &[&str], env: &[(&str, String)]) -> Value {
+    let (program, pre_args) = client_program(client);
     let home = tempfile::tempdir().expect("home");
-    let mut cmd = tokio::process::Command::new(&python);
-    cmd.arg(repo().join("tests/clients/get_token.py"))
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = tokio::process::Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&program);
+            c
+        }
+        None => tokio::process::Command::new(&program),
+    };
+    cmd.args(&pre_args)
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -395,14 +452,11 @@ pub async fn python_client(args: &[&str], env: &[(&str, String)]) -> Value {
     }
     let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
         .await
-        .expect("python client timed out")
-        .expect("run python");
+        .unwrap_or_else(|_| panic!("{client:?} timed out"))
+        .unwrap_or_else(|e| panic!("cannot run {client:?} ({}): {e}", program.display()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
-        panic!(
-            "python client printed no JSON ({e}); stdout:\n{stdout}\nstderr:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
+        panic!("{client:?} printed no JSON ({e}); stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr))
     })
 }
 
