@@ -7,6 +7,7 @@
 mod cli;
 mod clients;
 mod failures;
+mod readme;
 mod refresh;
 mod secrecy;
 mod serving;

@@ -144,10 +144,12 @@ async fn clients_with_no_environment_get_tokens_from_169_254_169_254() {
     let ns = transparent_broker(dir.path());
     let name = Some(ns.name.as_str());
 
-    // curl, as a person would type it on a VM.
-    let (status, body) = ns.curl(&["-H", "Metadata:true", "http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://storage.azure.com/"]);
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).expect("json");
+    // The README's curl line for transparent mode, verbatim.
+    let lines = crate::readme::readme_curl_lines("http://169.254.169.254/");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let out = ns.cmd("bash").args(["-c", &lines[0]]).output().expect("bash");
+    let body = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{}: {e}: {body}", lines[0]));
     assert_eq!(jwt_claims(v["access_token"].as_str().expect("token"))["aud"], "https://storage.azure.com/");
 
     // Python DefaultAzureCredential (with its header-less probe), Python ManagedIdentityCredential and
