@@ -63,7 +63,11 @@ fn strip_port(host: &str) -> &str {
 pub fn router(broker: Arc<Broker>, hosts: HostPolicy) -> Router {
     Router::new()
         .route(imds::PATH, get(imds::token))
+        // msal-node (and so @azure/identity) canonicalises AZURE_POD_IDENTITY_AUTHORITY_HOST + path with a
+        // trailing slash: `/metadata/identity/oauth2/token/`. Same endpoint.
+        .route(imds::PATH_SLASH, get(imds::token))
         .route(app_service::PATH, get(app_service::token))
+        .route(app_service::PATH_SLASH, get(app_service::token))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)

@@ -12,6 +12,8 @@ use crate::broker::Broker;
 
 /// The path `IDENTITY_ENDPOINT` names.
 pub const PATH: &str = "/msi/token";
+/// The same with a trailing slash.
+pub const PATH_SLASH: &str = "/msi/token/";
 /// Oldest api-version accepted (the one that uses `X-IDENTITY-HEADER`).
 pub const MIN_API_VERSION: &str = "2019-08-01";
 /// The header carrying the secret.

@@ -11,6 +11,8 @@ use crate::broker::Broker;
 
 /// The path every IMDS client calls.
 pub const PATH: &str = "/metadata/identity/oauth2/token";
+/// The same with the trailing slash msal-node adds.
+pub const PATH_SLASH: &str = "/metadata/identity/oauth2/token/";
 /// Oldest api-version accepted.
 pub const MIN_API_VERSION: &str = "2018-02-01";
 

@@ -94,3 +94,49 @@ async fn rust_sdk_managed_identity_credential_via_app_service_variables() {
     assert!(r["error"].as_str().expect("error").contains("has not been assigned"), "{r}");
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn javascript_and_msal_python_on_both_routes() {
+    let idp = Idp::start(3600).await;
+    let mut o = Opts::new(&idp);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s2 = dir.path().join("s2");
+    std::fs::write(&s2, SECRET_2).expect("write");
+    o.extra = format!(
+        "[[identity]]\nname = \"second\"\nclient_id = \"{CLIENT_ID_2}\"\ntoken_url = \"{}\"\nclient_secret_file = \"{}\"\n",
+        idp.token_url(),
+        s2.display()
+    );
+    let t = Tokend::start(&o).await;
+    let app = vec![("IDENTITY_ENDPOINT", t.url("/msi/token")), ("IDENTITY_HEADER", t.identity_header())];
+    let imds = vec![("AZURE_POD_IDENTITY_AUTHORITY_HOST", t.url(""))];
+    const STORAGE: &str = "https://storage.azure.com";
+    let user = ["mi-client-id", STORAGE, "--client-id", CLIENT_ID_2];
+    let (js_app, js_imds, js_default, js_user, msal_app, msal_imds, msal_user) = tokio::join!(
+        run_client(Client::AzureIdentityJs, None, &["mi", STORAGE, "--twice"], &app),
+        // msal-node requests `/metadata/identity/oauth2/token/` (trailing slash) on this route.
+        run_client(Client::AzureIdentityJs, None, &["mi", STORAGE], &imds),
+        run_client(Client::AzureIdentityJs, None, &["default", STORAGE], &imds),
+        run_client(Client::AzureIdentityJs, None, &user, &app),
+        run_client(Client::MsalPython, None, &["mi", STORAGE, "--twice"], &app),
+        run_client(Client::MsalPython, None, &["mi", "https://management.core.windows.net/"], &imds),
+        run_client(Client::MsalPython, None, &user, &imds),
+    );
+    let system = broker_token(&t, STORAGE, "").await;
+    for (name, r) in [
+        ("js app service", &js_app),
+        ("js imds", &js_imds),
+        ("js default", &js_default),
+        ("msal app service", &msal_app),
+    ] {
+        assert_eq!(ok_token(r), system, "{name}: tokend's cached token");
+        let exp = jwt_claims(&system)["exp"].as_u64();
+        assert_eq!(r["expires_on"].as_u64(), exp, "{name}: expires_on");
+    }
+    assert_eq!(js_app["second_equal"], true);
+    assert_eq!(msal_app["second_equal"], true);
+    assert_eq!(jwt_claims(&ok_token(&msal_imds))["aud"], "https://management.core.windows.net/");
+    for (name, r) in [("js user-assigned", &js_user), ("msal user-assigned", &msal_user)] {
+        assert_eq!(jwt_claims(&ok_token(r))["client_id"], CLIENT_ID_2, "{name}");
+    }
+}

@@ -154,10 +154,11 @@ async fn clients_with_no_environment_get_tokens_from_169_254_169_254() {
 
     // Python DefaultAzureCredential (with its header-less probe), Python ManagedIdentityCredential and
     // the Rust SDK: no environment variables.
-    let (py_default, py_mi, rust) = tokio::join!(
+    let (py_default, py_mi, rust, js) = tokio::join!(
         run_client(Client::AzureIdentityPython, name, &["default", "https://vault.azure.net"], &[]),
         run_client(Client::AzureIdentityPython, name, &["mi", "https://storage.azure.com/", "--twice"], &[]),
         run_client(Client::AzureIdentityRust, name, &["mi", "https://management.azure.com"], &[]),
+        run_client(Client::AzureIdentityJs, name, &["default", "https://graph.microsoft.com"], &[]),
     );
     assert_eq!(jwt_claims(&ok_token(&py_default))["aud"], "https://vault.azure.net");
     assert_eq!(ok_token(&py_mi), v["access_token"].as_str().expect("token"), "the same cached token as curl got");
@@ -170,6 +171,7 @@ async fn clients_with_no_environment_get_tokens_from_169_254_169_254() {
         "Rust parsed expires_on from the string"
     );
 
+    assert_eq!(jwt_claims(&ok_token(&js))["aud"], "https://graph.microsoft.com");
     let logs = std::fs::read_to_string(dir.path().join("tokend.log")).expect("log");
     assert!(
         logs.contains("without `Metadata: true`"),
@@ -177,7 +179,7 @@ async fn clients_with_no_environment_get_tokens_from_169_254_169_254() {
     );
     let (_, stats) = ns.curl(&["http://127.0.0.1:9400/__admin/stats"]);
     let stats: Value = serde_json::from_str(&stats).expect("json");
-    assert_eq!(stats["token_requests"], 3, "one upstream call per resource");
+    assert_eq!(stats["token_requests"], 4, "one upstream call per resource");
 }
 
 #[test]
