@@ -183,6 +183,16 @@ pub async fn check(config: &Config, resource: Option<&str>) -> anyhow::Result<Ve
             Err(e) => CheckLine { ok: false, text: format!("FAIL  {what}: {resource}: {e}") },
         };
         lines.push(line);
+        if let Some(skew) = idp.last_clock_skew().filter(|s| s.unsigned_abs() > crate::idp::MAX_CLOCK_SKEW.as_secs()) {
+            lines.push(CheckLine {
+                ok: true,
+                text: format!(
+                    "warn  identity {:?}: the identity provider's clock differs from this host's by {skew}s; \
+                     client assertions may be rejected (AADSTS700024): fix time synchronisation",
+                    identity.name
+                ),
+            });
+        }
     }
     Ok(lines)
 }

@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::credential::ClientCredential;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::credential::{AssertionAlg, Certificate, ClientCredential};
 use crate::identity::{Identity, TokenApi};
 use crate::resource::Resource;
 
@@ -128,6 +131,22 @@ pub struct RawIdentity {
     pub api: Option<String>,
     /// File holding the client secret.
     pub client_secret_file: Option<PathBuf>,
+    /// systemd credential (`LoadCredential=`) holding the client secret: `$CREDENTIALS_DIRECTORY/NAME`.
+    pub client_secret_credential: Option<String>,
+    /// Certificate: PEM (certificate + unencrypted key) or PKCS#12 (`.pfx`/`.p12`).
+    pub certificate_file: Option<PathBuf>,
+    /// systemd credential holding the certificate.
+    pub certificate_credential: Option<String>,
+    /// File holding the PKCS#12 password.
+    pub certificate_password_file: Option<PathBuf>,
+    /// systemd credential holding the PKCS#12 password.
+    pub certificate_password_credential: Option<String>,
+    /// `"PS256"` (default, header `x5t#S256`) or `"RS256"` (header `x5t`).
+    pub assertion_alg: Option<String>,
+    /// Send the certificate chain (`x5c`) for subject-name/issuer authentication.
+    pub send_certificate_chain: Option<bool>,
+    /// Federated token file (workload identity); read on every request.
+    pub federated_token_file: Option<PathBuf>,
     /// Resources fetched at start and kept fresh.
     #[serde(default)]
     pub resources: Vec<String>,
@@ -385,40 +404,33 @@ impl Validator<'_> {
 
     fn identity(&mut self, i: usize, raw: RawIdentity) -> Result<Identity, ConfigError> {
         let k = |field: &str| format!("identity[{i}].{field}");
-        let name = match raw.name {
+        let name = match raw.name.clone() {
             Some(n) if n.trim().is_empty() => return Err(self.err(k("name"), "is empty")),
             Some(n) => n,
             None if i == 0 => "default".to_owned(),
             None => return Err(self.err(k("name"), "missing; every identity after the first needs a name")),
         };
-        let client_id = nonempty(raw.client_id)
+        let client_id = nonempty(raw.client_id.clone())
             .ok_or_else(|| self.err(k("client_id"), "missing; set the application (client) id"))?;
         let api = match raw.api.as_deref() {
             None | Some("v2") => TokenApi::V2,
             Some("v1") => TokenApi::V1,
             Some(other) => return Err(self.err(k("api"), format!("{other:?} is not \"v2\" or \"v1\""))),
         };
-        let token_url = match (raw.token_url, raw.authority_host) {
+        let token_url = match (raw.token_url.clone(), raw.authority_host.clone()) {
             (Some(_), Some(_)) => {
                 return Err(self.err(k("token_url"), "set either token_url or authority_host, not both"));
             }
             (Some(url), None) => self.token_url(&k("token_url"), &url)?,
             (None, authority) => {
-                let tenant = nonempty(raw.tenant_id).ok_or_else(|| {
+                let tenant = nonempty(raw.tenant_id.clone()).ok_or_else(|| {
                     self.err(k("tenant_id"), "missing; needed to build the token URL from authority_host")
                 })?;
                 let authority = authority.unwrap_or_else(|| DEFAULT_AUTHORITY_HOST.to_owned());
                 self.token_url(&k("authority_host"), &entra_token_url(&authority, &tenant, api))?
             }
         };
-        let Some(secret_file) = raw.client_secret_file else {
-            return Err(self.err(k("client_secret_file"), "missing; every identity needs a credential"));
-        };
-        let secret = self.read_secret_file(&k("client_secret_file"), &secret_file)?;
-        let credential = ClientCredential::Secret {
-            secret: secret.into(),
-            origin: format!("file {}", self.resolve(&secret_file).display()),
-        };
+        let credential = self.credential(i, &raw)?;
         let mut resources: Vec<Resource> = Vec::new();
         for (j, text) in raw.resources.iter().enumerate() {
             let r = Resource::parse(text)
@@ -431,13 +443,137 @@ impl Validator<'_> {
         Ok(Identity {
             name,
             client_id,
-            object_id: nonempty(raw.object_id),
-            resource_id: nonempty(raw.resource_id),
+            object_id: nonempty(raw.object_id.clone()),
+            resource_id: nonempty(raw.resource_id.clone()),
             token_url,
             api,
             credential,
             resources,
         })
+    }
+
+    /// `$CREDENTIALS_DIRECTORY/NAME` for a systemd credential named by `key`.
+    fn systemd_credential(&self, key: &str, name: &str) -> Result<PathBuf, ConfigError> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(self.err(key, format!("{name:?} is not a credential name")));
+        }
+        let dir = nonempty((self.env)("CREDENTIALS_DIRECTORY")).ok_or_else(|| {
+            self.err(
+                key,
+                "CREDENTIALS_DIRECTORY is not set; systemd sets it for units with LoadCredential=/SetCredential=",
+            )
+        })?;
+        Ok(Path::new(&dir).join(name))
+    }
+
+    /// Exactly one credential source per identity.
+    fn credential(&mut self, i: usize, raw: &RawIdentity) -> Result<ClientCredential, ConfigError> {
+        let k = |field: &str| format!("identity[{i}].{field}");
+        let sources = [
+            ("client_secret_file", raw.client_secret_file.is_some()),
+            ("client_secret_credential", raw.client_secret_credential.is_some()),
+            ("certificate_file", raw.certificate_file.is_some()),
+            ("certificate_credential", raw.certificate_credential.is_some()),
+            ("federated_token_file", raw.federated_token_file.is_some()),
+        ];
+        let set: Vec<&str> = sources.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect();
+        let all = sources.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+        match set.as_slice() {
+            [] => {
+                return Err(self.err(
+                    k("client_secret_file"),
+                    format!("missing; every identity needs a credential: one of {all}"),
+                ));
+            }
+            [_] => {}
+            many => {
+                return Err(self.err(k(many[1]), format!("conflicts with {}; give exactly one credential", many[0])));
+            }
+        }
+        let cert_only = [
+            ("certificate_password_file", raw.certificate_password_file.is_some()),
+            ("certificate_password_credential", raw.certificate_password_credential.is_some()),
+            ("assertion_alg", raw.assertion_alg.is_some()),
+            ("send_certificate_chain", raw.send_certificate_chain.is_some()),
+        ];
+        let is_cert = raw.certificate_file.is_some() || raw.certificate_credential.is_some();
+        if let Some((name, _)) = cert_only.iter().find(|(_, on)| *on).filter(|_| !is_cert) {
+            return Err(self.err(
+                k(name),
+                "only applies to a certificate credential (certificate_file or certificate_credential)",
+            ));
+        }
+        if let Some(p) = &raw.client_secret_file {
+            let secret = self.read_secret_file(&k("client_secret_file"), p)?;
+            return Ok(ClientCredential::Secret {
+                secret: secret.into(),
+                origin: format!("file {}", self.resolve(p).display()),
+            });
+        }
+        if let Some(name) = &raw.client_secret_credential {
+            let path = self.systemd_credential(&k("client_secret_credential"), name)?;
+            let secret = self.read_secret_file(&k("client_secret_credential"), &path)?;
+            return Ok(ClientCredential::Secret {
+                secret: secret.into(),
+                origin: format!("systemd credential {name}"),
+            });
+        }
+        if let Some(p) = &raw.federated_token_file {
+            let path = self.resolve(p);
+            if !path.is_file() {
+                // Not an error: the token may be projected after start; every request reads it anew.
+                self.warnings.push(format!(
+                    "{}: federated token file {} does not exist yet",
+                    k("federated_token_file"),
+                    path.display()
+                ));
+            }
+            return Ok(ClientCredential::Federated { origin: format!("file {}", path.display()), path });
+        }
+        let (cert_key, cert_path) = match (&raw.certificate_file, &raw.certificate_credential) {
+            (Some(p), _) => (k("certificate_file"), self.resolve(p)),
+            (None, Some(name)) => {
+                (k("certificate_credential"), self.systemd_credential(&k("certificate_credential"), name)?)
+            }
+            (None, None) => unreachable!("exactly one credential source was checked above"),
+        };
+        let password = match (&raw.certificate_password_file, &raw.certificate_password_credential) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(k("certificate_password_credential"), "conflicts with certificate_password_file"));
+            }
+            (Some(p), None) => Some(self.read_secret_file(&k("certificate_password_file"), p)?),
+            (None, Some(name)) => {
+                let path = self.systemd_credential(&k("certificate_password_credential"), name)?;
+                Some(self.read_secret_file(&k("certificate_password_credential"), &path)?)
+            }
+            (None, None) => None,
+        };
+        let alg = match raw.assertion_alg.as_deref() {
+            None | Some("PS256") => AssertionAlg::Ps256,
+            Some("RS256") => AssertionAlg::Rs256,
+            Some(other) => return Err(self.err(k("assertion_alg"), format!("{other:?} is not \"PS256\" or \"RS256\""))),
+        };
+        self.certificate(&cert_key, &cert_path, password.as_deref(), alg, raw.send_certificate_chain.unwrap_or(false))
+    }
+
+    fn certificate(
+        &mut self,
+        key: &str,
+        path: &Path,
+        password: Option<&str>,
+        alg: AssertionAlg,
+        send_chain: bool,
+    ) -> Result<ClientCredential, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
+        let cert = Certificate::load(&bytes, password, alg, send_chain)
+            .map_err(|e| self.err(key, format!("{}: {e}", path.display())))?;
+        if let Some(w) = world_readable_warning(path) {
+            self.warnings.push(w);
+        }
+        if let Some(w) = expiry_warning(&cert, path, SystemTime::now()) {
+            self.warnings.push(w);
+        }
+        Ok(ClientCredential::Certificate { cert: Arc::new(cert), origin: format!("file {}", path.display()) })
     }
 
     fn identity_from_env(&mut self) -> Result<Identity, ConfigError> {
@@ -454,7 +590,34 @@ impl Validator<'_> {
         };
         let tenant = need("AZURE_TENANT_ID")?;
         let client_id = need("AZURE_CLIENT_ID")?;
-        let secret = need("AZURE_CLIENT_SECRET")?;
+        let env = |name: &str| nonempty((self.env)(name));
+        let credential =
+            match (env("AZURE_CLIENT_SECRET"), env("AZURE_CLIENT_CERTIFICATE_PATH"), env("AZURE_FEDERATED_TOKEN_FILE"))
+            {
+                (Some(secret), _, _) => {
+                    ClientCredential::Secret { secret: secret.into(), origin: "environment AZURE_CLIENT_SECRET".into() }
+                }
+                (None, Some(path), _) => {
+                    let password = env("AZURE_CLIENT_CERTIFICATE_PASSWORD");
+                    let send_chain = env("AZURE_CLIENT_SEND_CERTIFICATE_CHAIN")
+                        .is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+                    self.certificate(
+                        "AZURE_CLIENT_CERTIFICATE_PATH",
+                        Path::new(&path),
+                        password.as_deref(),
+                        AssertionAlg::Ps256,
+                        send_chain,
+                    )?
+                }
+                (None, None, Some(path)) => ClientCredential::Federated {
+                    path: PathBuf::from(&path),
+                    origin: "environment AZURE_FEDERATED_TOKEN_FILE".into(),
+                },
+                (None, None, None) => {
+                    need("AZURE_CLIENT_SECRET")?;
+                    unreachable!("need() fails when the variable is unset")
+                }
+            };
         let authority =
             nonempty((self.env)("AZURE_AUTHORITY_HOST")).unwrap_or_else(|| DEFAULT_AUTHORITY_HOST.to_owned());
         let token_url = self.token_url("AZURE_AUTHORITY_HOST", &entra_token_url(&authority, &tenant, TokenApi::V2))?;
@@ -465,10 +628,7 @@ impl Validator<'_> {
             resource_id: None,
             token_url,
             api: TokenApi::V2,
-            credential: ClientCredential::Secret {
-                secret: secret.into(),
-                origin: "environment AZURE_CLIENT_SECRET".into(),
-            },
+            credential,
             resources: Vec::new(),
         })
     }
@@ -518,6 +678,24 @@ pub fn host_is_loopback(url: &reqwest::Url) -> bool {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
+    }
+}
+
+/// Certificates expiring within this are warned about (log and `tokend check`).
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
+
+/// A warning when `cert` expires within [`EXPIRY_WARNING`] of `now` (or has expired).
+pub fn expiry_warning(cert: &Certificate, path: &Path, now: SystemTime) -> Option<String> {
+    let when = httpdate::fmt_http_date(cert.not_after());
+    match cert.not_after().duration_since(now) {
+        Err(_) => Some(format!("certificate {} ({}) expired on {when}", path.display(), cert.subject())),
+        Ok(left) if left < EXPIRY_WARNING => Some(format!(
+            "certificate {} ({}) expires in {} days, on {when}; renew it",
+            path.display(),
+            cert.subject(),
+            left.as_secs() / 86_400
+        )),
+        Ok(_) => None,
     }
 }
 

@@ -17,7 +17,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use base64::Engine;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -62,8 +61,8 @@ pub async fn start_issuer(tracker: &TaskTracker, cancel: &CancellationToken) -> 
         .map_err(|_| anyhow::anyhow!("cannot generate an RSA key"))?;
     let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&key)
         .map_err(|_| anyhow::anyhow!("cannot encode the RSA key"))?;
-    let pem = pem_encode("PRIVATE KEY", der.as_ref());
-    let encoding_key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes())?;
+    let pem = crate::credential::pem_encode("PRIVATE KEY", der.as_ref());
+    let encoding_key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes())?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = listener.local_addr()?;
     let client_id = uuid::Uuid::new_v4().to_string();
@@ -72,7 +71,7 @@ pub async fn start_issuer(tracker: &TaskTracker, cancel: &CancellationToken) -> 
         client_id: client_id.clone(),
         client_secret: client_secret.clone(),
         key: encoding_key,
-        kid: crate::token::fingerprint(&pem).trim_start_matches("sha256:").to_owned(),
+        kid: crate::token::fingerprint(&client_id).trim_start_matches("sha256:").to_owned(),
         issuer: format!("http://{addr}/{DEV_TENANT}/v2.0"),
     });
     // Sign once now, so a broken key fails start-up rather than the first request.
@@ -111,17 +110,6 @@ pub fn dev_config(issuer: &DevIssuer, listen: SocketAddr) -> anyhow::Result<Conf
         identities: vec![identity],
         warnings: Vec::new(),
     })
-}
-
-fn pem_encode(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 #[derive(Serialize)]

@@ -81,6 +81,12 @@ pub enum IdpError {
         /// The error chain.
         detail: String,
     },
+    /// The credential could not be used for a request (e.g. the federated token file is unreadable).
+    #[error("the credential cannot be used: {detail}")]
+    Credential {
+        /// What failed.
+        detail: String,
+    },
     /// A 2xx answer that is not a token response (e.g. an HTML proxy page).
     #[error("the identity provider's answer is not a token response: {detail}")]
     Malformed {
@@ -96,9 +102,12 @@ impl IdpError {
             Self::CredentialRejected { .. } => FailureClass::Credential,
             Self::BadResource { .. } => FailureClass::Resource,
             Self::Rejected { .. } => FailureClass::Rejected,
-            Self::Throttled { .. } | Self::Unavailable { .. } | Self::Transport { .. } | Self::Malformed { .. } => {
-                FailureClass::Transient
-            }
+            // A federated token file being rotated may be missing for a moment: retry soon.
+            Self::Throttled { .. }
+            | Self::Unavailable { .. }
+            | Self::Transport { .. }
+            | Self::Malformed { .. }
+            | Self::Credential { .. } => FailureClass::Transient,
         }
     }
 
@@ -143,7 +152,12 @@ pub struct IdpClient {
     proxied: reqwest::Client,
     /// Never proxied; used for loopback token URLs (a proxy cannot reach our loopback).
     direct: reqwest::Client,
+    /// The IdP's `Date` minus this host's clock, in seconds, at the last answer.
+    last_skew: std::sync::Arc<parking_lot::Mutex<Option<i64>>>,
 }
+
+/// Clock skew beyond this is warned about: client assertions are rejected when clocks disagree (AADSTS700024).
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 impl IdpClient {
     /// Builds the clients: system roots plus `upstream.ca_file`, bounded timeouts.
@@ -162,7 +176,12 @@ impl IdpClient {
             }
             b.build()
         };
-        Ok(Self { proxied: build(true)?, direct: build(false)? })
+        Ok(Self { proxied: build(true)?, direct: build(false)?, last_skew: Default::default() })
+    }
+
+    /// The IdP's clock minus ours, in seconds, as of the last answer (any status).
+    pub fn last_clock_skew(&self) -> Option<i64> {
+        *self.last_skew.lock()
     }
 
     /// One client-credentials request for `resource` as `identity`.
@@ -174,7 +193,11 @@ impl IdpClient {
             TokenApi::V2 => form.push(("scope", resource.scope())),
             TokenApi::V1 => form.push(("resource", resource.as_str().to_owned())),
         }
-        form.extend(identity.credential.form_params());
+        let auth = identity
+            .credential
+            .form_params(&identity.client_id, url.as_str())
+            .map_err(|detail| IdpError::Credential { detail })?;
+        form.extend(auth);
         let client = if host_is_loopback(url) { &self.direct } else { &self.proxied };
         let requested_at = SystemTime::now();
         let transport = |e: reqwest::Error| IdpError::Transport { host: host_of(url), detail: error_chain(&e) };
@@ -186,6 +209,18 @@ impl IdpClient {
             .await
             .map_err(transport)?;
         let status = resp.status().as_u16();
+        if let Some(skew) = clock_skew(resp.headers().get(reqwest::header::DATE), SystemTime::now()) {
+            *self.last_skew.lock() = Some(skew);
+            if skew.unsigned_abs() > MAX_CLOCK_SKEW.as_secs() {
+                tracing::warn!(
+                    identity = %identity.name,
+                    idp = %host_of(url),
+                    skew_s = skew,
+                    "clock skew: the identity provider's Date differs from this host's clock by more than a minute; \
+                     client assertions may be rejected (AADSTS700024): fix time synchronisation"
+                );
+            }
+        }
         let retry_after = resp
             .headers()
             .get(RETRY_AFTER)
@@ -215,6 +250,13 @@ impl IdpClient {
             requested_at,
         })
     }
+}
+
+/// The IdP's `Date` minus `now`, in whole seconds.
+fn clock_skew(date: Option<&reqwest::header::HeaderValue>, now: SystemTime) -> Option<i64> {
+    let theirs = httpdate::parse_http_date(date?.to_str().ok()?).ok()?;
+    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    Some(secs(theirs) - secs(now))
 }
 
 fn host_of(url: &reqwest::Url) -> String {
@@ -387,6 +429,17 @@ mod tests {
         for (status, body, class) in table {
             assert_eq!(err(status, body).class(), class, "{status} {body}");
         }
+    }
+
+    #[test]
+    fn clock_skew_from_the_date_header() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let date = |t: SystemTime| reqwest::header::HeaderValue::from_str(&httpdate::fmt_http_date(t)).expect("header");
+        assert_eq!(clock_skew(Some(&date(now)), now), Some(0));
+        assert_eq!(clock_skew(Some(&date(now + Duration::from_secs(120))), now), Some(120));
+        assert_eq!(clock_skew(Some(&date(now - Duration::from_secs(3600))), now), Some(-3600));
+        assert_eq!(clock_skew(Some(&reqwest::header::HeaderValue::from_static("yesterday")), now), None);
+        assert_eq!(clock_skew(None, now), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod cli;
 mod clients;
+mod credentials;
 mod failures;
 mod readme;
 mod refresh;

@@ -72,12 +72,17 @@ impl Idp {
     }
 
     pub async fn start_on(port: u16, ttl_secs: u64) -> Self {
-        Self::launch(port, ttl_secs, false).await
+        Self::launch(port, ttl_secs, false, None).await
+    }
+
+    /// An IdP that also registers the certificate clients `broker-cert` and `broker-fed` with `cert`.
+    pub async fn start_with_cert(ttl_secs: u64, cert: &Path) -> Self {
+        Self::launch(free_port(), ttl_secs, false, Some(cert)).await
     }
 
     /// An HTTPS IdP whose certificate is signed by a fresh private CA (`self.ca`).
     pub async fn start_tls(ttl_secs: u64) -> Self {
-        Self::launch(free_port(), ttl_secs, true).await
+        Self::launch(free_port(), ttl_secs, true, None).await
     }
 
     fn scheme(&self) -> &'static str {
@@ -93,7 +98,7 @@ impl Idp {
         b.build().expect("client")
     }
 
-    async fn launch(port: u16, ttl_secs: u64, tls: bool) -> Self {
+    async fn launch(port: u16, ttl_secs: u64, tls: bool, client_cert: Option<&Path>) -> Self {
         let dir = std::env::var_os("TOKEND_TEST_IDP_DIR").map_or_else(|| repo().join("tests/idp"), PathBuf::from);
         assert!(
             dir.join("node_modules/oidc-provider").is_dir(),
@@ -111,6 +116,9 @@ impl Idp {
             .env("IDP_TENANT", TENANT)
             .stdout(out.try_clone().expect("dup"))
             .stderr(out);
+        if let Some(cert) = client_cert {
+            cmd.env("CLIENT_CERT", cert);
+        }
         let ca = tls.then(|| {
             let (ca, cert, key) = make_tls(tmp.path());
             cmd.env("IDP_TLS_CERT", cert).env("IDP_TLS_KEY", key);
