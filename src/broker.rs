@@ -11,14 +11,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError, IdentityHeaderSource, readable_warning};
-use crate::identity::Identities;
+use crate::identity::{Identities, Identity, Selector, UnknownIdentity};
 use crate::token::TokenSource;
 use crate::token::cache::{PinnedState, TokenCache};
 
 /// Everything a request handler needs.
 #[derive(Debug)]
 pub struct Broker {
-    identities: Identities,
+    /// Replaced as a whole by a reload.
+    identities: parking_lot::RwLock<Identities>,
     cache: TokenCache,
     identity_header: SecretString,
 }
@@ -34,17 +35,22 @@ impl Broker {
     ) -> Arc<Self> {
         let identities = Identities::new(config.identities.clone());
         let cache = TokenCache::new(source, config.tokens, tracker.clone(), cancel.clone());
-        for identity in identities.iter() {
-            for resource in &identity.resources {
-                cache.pin(identity, resource);
-            }
-        }
-        Arc::new(Self { identities, cache, identity_header })
+        cache.apply(&identities.iter().cloned().collect::<Vec<_>>());
+        Arc::new(Self { identities: parking_lot::RwLock::new(identities), cache, identity_header })
     }
 
-    /// The configured identities.
-    pub fn identities(&self) -> &Identities {
-        &self.identities
+    /// The identity a caller selected, or the default one.
+    pub fn select(&self, selector: Option<&Selector>) -> Result<Arc<Identity>, UnknownIdentity> {
+        self.identities.read().select(selector).cloned()
+    }
+
+    /// Applies a reloaded configuration's identities and token policy, without dropping a request:
+    /// requests in flight keep the identity they selected; the cache switches refreshers over.
+    pub fn reload(&self, config: &Config) {
+        let identities = Identities::new(config.identities.clone());
+        self.cache.set_policy(config.tokens);
+        self.cache.apply(&identities.iter().cloned().collect::<Vec<_>>());
+        *self.identities.write() = identities;
     }
 
     /// The token cache.

@@ -85,6 +85,7 @@ pub fn client_addr(server: &ServerConfig) -> SocketAddr {
 /// Every task runs on `tracker` and stops when `cancel` is cancelled (which `run` does on `shutdown`).
 pub async fn run(
     prepared: Prepared,
+    reload_from: Option<std::path::PathBuf>,
     tracker: TaskTracker,
     cancel: CancellationToken,
     on_listening: impl FnOnce(&[SocketAddr]),
@@ -96,6 +97,7 @@ pub async fn run(
     let listeners = server::bind(&config.server.listen).await?;
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     let broker = Broker::start(&config, identity_header, source, &tracker, &cancel);
+    tracker.spawn(crate::reload::run(reload_from, config.clone(), broker.clone(), cancel.clone()));
     let app = server::router(broker, HostPolicy::for_listen(&bound));
     let serving = tracker.spawn(server::serve(listeners, app, cancel.clone()));
     let identities: Vec<&str> = config.identities.iter().map(|i| i.name.as_str()).collect();

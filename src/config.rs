@@ -221,6 +221,8 @@ pub struct Config {
     pub identities: Vec<Identity>,
     /// Things worth a warning that are not errors (e.g. a secret file others can read).
     pub warnings: Vec<String>,
+    /// Credential files (secrets, certificates, passwords) whose change triggers a reload.
+    pub watched: Vec<PathBuf>,
 }
 
 impl Config {
@@ -237,7 +239,7 @@ impl Config {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Parse { path: shown.clone(), message: e.to_string() })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Validator { path: shown, base, env, warnings: Vec::new() }.validate(raw)
+        Validator { path: shown, base, env, warnings: Vec::new(), watched: Vec::new() }.validate(raw)
     }
 
     /// Reads only what a *client* of tokend needs (`tokend env`, `tokend token`): the whole file is
@@ -249,7 +251,7 @@ impl Config {
         let raw: RawConfig =
             toml::from_str(&text).map_err(|e| ConfigError::Parse { path: shown.clone(), message: e.to_string() })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Validator { path: shown, base, env: &|_| None, warnings: Vec::new() }.server(raw.server)
+        Validator { path: shown, base, env: &|_| None, warnings: Vec::new(), watched: Vec::new() }.server(raw.server)
     }
 }
 
@@ -258,6 +260,7 @@ struct Validator<'a> {
     base: PathBuf,
     env: &'a dyn Fn(&str) -> Option<String>,
     warnings: Vec<String>,
+    watched: Vec<PathBuf>,
 }
 
 impl Validator<'_> {
@@ -320,7 +323,15 @@ impl Validator<'_> {
             out
         };
         self.check_unambiguous(&identities)?;
-        Ok(Config { source: self.path, server, tokens, upstream, identities, warnings: self.warnings })
+        Ok(Config {
+            source: self.path,
+            server,
+            tokens,
+            upstream,
+            identities,
+            warnings: self.warnings,
+            watched: self.watched,
+        })
     }
 
     fn server(&mut self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
@@ -378,6 +389,7 @@ impl Validator<'_> {
 
     fn read_secret_file(&mut self, key: &str, path: &Path) -> Result<String, ConfigError> {
         let path = self.resolve(path);
+        self.watched.push(path.clone());
         let text = std::fs::read_to_string(&path)
             .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
         let secret = text.trim().to_owned();
@@ -564,6 +576,7 @@ impl Validator<'_> {
         alg: AssertionAlg,
         send_chain: bool,
     ) -> Result<ClientCredential, ConfigError> {
+        self.watched.push(path.to_path_buf());
         let bytes = std::fs::read(path).map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
         let cert = Certificate::load(&bytes, password, alg, send_chain)
             .map_err(|e| self.err(key, format!("{}: {e}", path.display())))?;

@@ -69,6 +69,16 @@ impl ClientCredential {
         }
     }
 
+    /// Identifies the credential without revealing it (a SHA-256 prefix of a secret, a certificate's
+    /// thumbprint and algorithm, a federated file's path): equal fingerprints, same credential.
+    pub fn fingerprint(&self) -> String {
+        match self {
+            Self::Secret { secret, .. } => crate::token::fingerprint(secret.expose_secret()),
+            Self::Certificate { cert, .. } => format!("{}:{:?}:{}", cert.x5t_s256, cert.alg, cert.send_chain),
+            Self::Federated { path, .. } => path.display().to_string(),
+        }
+    }
+
     /// The form parameters that authenticate one token request to `token_url` as `client_id`.
     /// Certificates mint a fresh assertion; federated credentials read their file now.
     pub(crate) fn form_params(&self, client_id: &str, token_url: &str) -> Result<Vec<(&'static str, String)>, String> {

@@ -109,6 +109,7 @@ pub fn dev_config(issuer: &DevIssuer, listen: SocketAddr) -> anyhow::Result<Conf
         upstream: UpstreamConfig::default(),
         identities: vec![identity],
         warnings: Vec::new(),
+        watched: Vec::new(),
     })
 }
 

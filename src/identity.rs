@@ -35,6 +35,16 @@ pub struct Identity {
     pub resources: Vec<Resource>,
 }
 
+impl Identity {
+    /// Whether `other` would make the same token requests (client id, URL, request style, credential).
+    pub fn same_upstream(&self, other: &Identity) -> bool {
+        self.client_id == other.client_id
+            && self.token_url == other.token_url
+            && self.api == other.api
+            && self.credential.fingerprint() == other.credential.fingerprint()
+    }
+}
+
 /// A caller's choice of identity (query parameters `client_id`, `object_id`/`principal_id`,
 /// `msi_res_id`/`mi_res_id`).
 #[derive(Debug, Clone, PartialEq, Eq)]

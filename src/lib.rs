@@ -12,6 +12,7 @@
 //! - [`idp`]: the only module that talks to an identity provider (client-credentials grant).
 //! - [`token`]: access tokens, the single-flight cache and its background refresher.
 //! - [`dialect`]: the only modules that know the IMDS and App Service wire formats.
+//! - [`reload`]: live reload — credential files polled, SIGHUP reloads the whole file.
 //! - [`server`]: the axum router, its guards (Host, limits) and serving with graceful shutdown.
 //! - [`broker`]: assembles config, IdP client, cache and server state.
 //! - [`dev`]: the built-in development issuer behind `tokend dev`.
@@ -27,6 +28,7 @@ pub mod dev;
 pub mod dialect;
 pub mod identity;
 pub mod idp;
+pub mod reload;
 pub mod resource;
 pub mod server;
 pub mod signal;

@@ -147,7 +147,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
             let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
-            commands::run(prepared, tracker, cancel, |_| {}, tokend::signal::shutdown()).await?;
+            commands::run(prepared, Some(config), tracker, cancel, |_| {}, tokend::signal::shutdown()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::TransparentImds { action: AliasAction::Setup } => match tokend::transparent::setup().await {
@@ -222,6 +222,6 @@ async fn dev(listen: SocketAddr) -> anyhow::Result<ExitCode> {
             tokend::dev::DEV_RESOURCE
         );
     };
-    commands::run(prepared, tracker, cancel, on_listening, tokend::signal::shutdown()).await?;
+    commands::run(prepared, None, tracker, cancel, on_listening, tokend::signal::shutdown()).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -228,9 +228,9 @@ pub(crate) async fn answer(broker: &Broker, dialect: Dialect, q: TokenQuery) -> 
     let resource = Resource::parse(&raw_resource)
         .map_err(|e| RequestError::bad_request(format!("query parameter resource: {e}")))?;
     let identity = broker
-        .identities()
         .select(q.selector.as_ref())
         .map_err(|e| RequestError::bad_request(format!("Identity not found: {e}")))?;
+    let identity = &identity;
     let (token, hit) = broker.cache().get(identity, &resource).await.map_err(|e| {
         tracing::info!(identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
         RequestError::from(e)

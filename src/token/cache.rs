@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -118,11 +119,17 @@ struct Key {
 
 #[derive(Debug)]
 struct Entry {
-    identity: Arc<Identity>,
+    /// Replaced when a reload changes the identity (e.g. a rotated credential).
+    identity: RwLock<Arc<Identity>>,
     slot: watch::Receiver<Slot>,
     wake: Notify,
     last_used: Mutex<Instant>,
-    pinned: bool,
+    /// Configured resources are pinned; a reload may unpin them (then they idle out like on-demand ones).
+    pinned: AtomicBool,
+    /// Set with a wake-up when the identity's credential changed: retry now, forgetting the backoff.
+    reset: AtomicBool,
+    /// Stops this entry's refresher (identity removed, or shutdown).
+    cancel: CancellationToken,
 }
 
 /// Readiness of one configured (pinned) resource.
@@ -138,11 +145,13 @@ pub struct PinnedState {
 
 struct Inner {
     source: Arc<dyn TokenSource>,
-    policy: TokensConfig,
+    policy: RwLock<TokensConfig>,
     entries: RwLock<HashMap<Key, Arc<Entry>>>,
     /// Identities whose credential the IdP rejected, until the failure's `retry_at`: new keys of such an
     /// identity fail fast instead of each calling the IdP.
     rejected: Mutex<HashMap<String, Arc<Failure>>>,
+    /// The identities of the last `apply`, to tell what a reload changed.
+    known: RwLock<HashMap<String, Arc<Identity>>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -169,9 +178,10 @@ impl TokenCache {
     ) -> Self {
         let inner = Inner {
             source,
-            policy,
+            policy: RwLock::new(policy),
             entries: RwLock::new(HashMap::new()),
             rejected: Mutex::new(HashMap::new()),
+            known: RwLock::new(HashMap::new()),
             tracker,
             cancel,
         };
@@ -180,19 +190,69 @@ impl TokenCache {
 
     /// Starts fetching `resource` for `identity` now and keeps it fresh for as long as tokend runs.
     pub fn pin(&self, identity: &Arc<Identity>, resource: &Resource) {
-        self.entry(identity, resource, true);
+        let entry = self.entry(identity, resource, true);
+        entry.pinned.store(true, Ordering::SeqCst);
+    }
+
+    /// Replaces the token policy (a reload); refreshers use it from their next decision on.
+    pub fn set_policy(&self, policy: TokensConfig) {
+        *self.inner.policy.write() = policy;
+    }
+
+    /// Applies a (re)loaded set of identities: entries of removed identities stop; entries of an identity
+    /// whose upstream settings or credential changed switch to the new one and retry at once (the old
+    /// token keeps being served meanwhile); configured resources are pinned, no longer configured ones
+    /// become on-demand.
+    pub fn apply(&self, identities: &[Arc<Identity>]) {
+        let by_name: HashMap<String, Arc<Identity>> = identities.iter().map(|i| (i.name.clone(), i.clone())).collect();
+        let changed: Vec<String> = {
+            let mut known = self.inner.known.write();
+            let changed = identities
+                .iter()
+                .filter(|new| known.get(&new.name).is_some_and(|old| !old.same_upstream(new)))
+                .map(|new| new.name.clone())
+                .collect();
+            known.clone_from(&by_name);
+            changed
+        };
+        self.inner.rejected.lock().retain(|name, _| by_name.contains_key(name) && !changed.contains(name));
+        let mut removed = Vec::new();
+        for (key, entry) in self.inner.entries.read().iter() {
+            let Some(new) = by_name.get(&key.identity) else {
+                entry.cancel.cancel();
+                removed.push(key.clone());
+                continue;
+            };
+            *entry.identity.write() = Arc::clone(new);
+            entry.pinned.store(new.resources.contains(&key.resource), Ordering::SeqCst);
+            if changed.contains(&key.identity) {
+                entry.reset.store(true, Ordering::SeqCst);
+                entry.wake.notify_one();
+            }
+        }
+        if !removed.is_empty() {
+            let mut map = self.inner.entries.write();
+            for key in &removed {
+                map.remove(key);
+            }
+        }
+        for identity in identities {
+            for resource in &identity.resources {
+                self.pin(identity, resource);
+            }
+        }
     }
 
     /// State of every pinned entry; tokend is ready when all are.
     pub fn pinned(&self) -> Vec<PinnedState> {
         let now = Instant::now();
-        let min = self.inner.policy.min_lifetime;
+        let min = self.inner.policy.read().min_lifetime;
         let mut out: Vec<PinnedState> = self
             .inner
             .entries
             .read()
             .iter()
-            .filter(|(_, e)| e.pinned)
+            .filter(|(_, e)| e.pinned.load(Ordering::SeqCst))
             .map(|(k, e)| PinnedState {
                 identity: k.identity.clone(),
                 resource: k.resource.clone(),
@@ -220,7 +280,7 @@ impl TokenCache {
         identity: &Arc<Identity>,
         resource: &Resource,
     ) -> Result<(Arc<AccessToken>, bool), TokenError> {
-        let policy = self.inner.policy;
+        let policy = *self.inner.policy.read();
         let deadline = Instant::now() + policy.max_wait;
         let mut first_look = true;
         loop {
@@ -285,11 +345,13 @@ impl TokenCache {
         }
         let (tx, rx) = watch::channel(Slot::default());
         let entry = Arc::new(Entry {
-            identity: identity.clone(),
+            identity: RwLock::new(identity.clone()),
             slot: rx,
             wake: Notify::new(),
             last_used: Mutex::new(Instant::now()),
-            pinned,
+            pinned: AtomicBool::new(pinned),
+            reset: AtomicBool::new(false),
+            cancel: self.inner.cancel.child_token(),
         });
         map.insert(key.clone(), entry.clone());
         drop(map);
@@ -306,11 +368,17 @@ enum Wake {
 }
 
 async fn refresher(inner: Arc<Inner>, key: Key, entry: Arc<Entry>, tx: watch::Sender<Slot>) {
-    let min = inner.policy.min_lifetime;
     let mut delays = RetryDelays::new();
     loop {
+        let policy = *inner.policy.read();
+        let min = policy.min_lifetime;
+        if entry.reset.swap(false, Ordering::SeqCst) {
+            // The credential changed: forget the backoff and the failure, try again now.
+            delays = RetryDelays::new();
+            tx.send_modify(|s| s.failure = None);
+        }
         let now = Instant::now();
-        let idle_at = (!entry.pinned).then(|| *entry.last_used.lock() + inner.policy.idle_timeout);
+        let idle_at = (!entry.pinned.load(Ordering::SeqCst)).then(|| *entry.last_used.lock() + policy.idle_timeout);
         if idle_at.is_some_and(|t| now >= t) {
             let mut map = inner.entries.write();
             if map.get(&key).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
@@ -331,13 +399,14 @@ async fn refresher(inner: Arc<Inner>, key: Key, entry: Arc<Entry>, tx: watch::Se
         if now < due {
             let sleep_until = idle_at.map_or(due, |i| i.min(due));
             let wake = tokio::select! {
-                () = inner.cancel.cancelled() => Wake::Cancelled,
+                () = entry.cancel.cancelled() => Wake::Cancelled,
                 () = tokio::time::sleep_until(sleep_until) => Wake::Timer,
                 () = entry.wake.notified() => Wake::Caller,
             };
             match wake {
                 Wake::Cancelled => return,
                 Wake::Timer => continue,
+                Wake::Caller if entry.reset.load(Ordering::SeqCst) => continue,
                 // A caller found nothing servable. Fetch now unless we are backing off after a failure
                 // (callers must not be able to hammer the IdP through us) or a servable token appeared.
                 Wake::Caller if servable || tx.borrow().failure.is_some() => continue,
@@ -405,11 +474,12 @@ fn rejected_credential(inner: &Inner, identity: &str, now: Instant) -> Option<Ar
 
 /// One upstream attempt in its own task (a panic there cannot kill the refresher). `None` when cancelled.
 async fn attempt(inner: &Arc<Inner>, entry: &Arc<Entry>, key: &Key) -> Option<Result<AccessToken, Cause>> {
-    let (source, identity, resource) = (inner.source.clone(), entry.identity.clone(), key.resource.clone());
+    let identity = entry.identity.read().clone();
+    let (source, resource) = (inner.source.clone(), key.resource.clone());
     let requested = Instant::now();
     let mut task = inner.tracker.spawn(async move { source.fetch(&identity, &resource).await });
     let joined = tokio::select! {
-        () = inner.cancel.cancelled() => {
+        () = entry.cancel.cancelled() => {
             task.abort();
             return None;
         }
@@ -418,7 +488,8 @@ async fn attempt(inner: &Arc<Inner>, entry: &Arc<Entry>, key: &Key) -> Option<Re
     Some(match joined {
         Ok(Ok(issued)) => {
             let lifetime = issued.expires_in;
-            match refresh_after(lifetime, issued.refresh_in, inner.policy.min_lifetime, fastrand::f64()) {
+            let min_lifetime = inner.policy.read().min_lifetime;
+            match refresh_after(lifetime, issued.refresh_in, min_lifetime, fastrand::f64()) {
                 Ok(after) => Ok(AccessToken::new(issued, requested, after)),
                 Err(e) => Err(Cause::TooShortLived(e)),
             }

@@ -10,6 +10,7 @@ mod credentials;
 mod failures;
 mod readme;
 mod refresh;
+mod reload;
 mod secrecy;
 mod serving;
 mod support;
