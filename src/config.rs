@@ -884,6 +884,37 @@ mod tests {
     }
 
     #[test]
+    fn federated_and_systemd_credentials() {
+        let env = |name: &str| match name {
+            "AZURE_TENANT_ID" => Some("tid".to_owned()),
+            "AZURE_CLIENT_ID" => Some("cid".to_owned()),
+            "AZURE_FEDERATED_TOKEN_FILE" => Some("/var/run/secrets/azure/tokens/token".to_owned()),
+            _ => None,
+        };
+        let c = Config::from_toml("", Path::new("/x/tokend.toml"), &env).expect("valid");
+        assert_eq!(c.identities[0].credential.kind(), "federated token");
+        let d = Dir::new();
+        let m =
+            message(d.load("[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_credential = \"s\"\n"));
+        assert!(m.contains("identity[0].client_secret_credential") && m.contains("CREDENTIALS_DIRECTORY"), "{m}");
+        let creds = d.0.path().to_str().expect("utf8").to_owned();
+        let with_dir = move |name: &str| (name == "CREDENTIALS_DIRECTORY").then(|| creds.clone());
+        let text = "[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_credential = \"secret\"\n";
+        let c = Config::from_toml(text, &d.0.path().join("tokend.toml"), &with_dir).expect("valid");
+        assert_eq!(c.identities[0].credential.origin(), "systemd credential secret");
+        assert_eq!(c.watched, vec![d.0.path().join("secret")]);
+        let m = message(
+            d.load("[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_credential = \"../x\"\n"),
+        );
+        assert!(m.contains("not a credential name"), "{m}");
+        let m = message(d.load("[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\n"));
+        assert!(
+            m.contains("certificate_file") && m.contains("federated_token_file"),
+            "lists every credential kind: {m}"
+        );
+    }
+
+    #[test]
     fn readable_secret_file_warns_and_debug_redacts() {
         use std::os::unix::fs::PermissionsExt;
         let d = Dir::new();
