@@ -73,6 +73,7 @@ pub fn router(broker: Arc<Broker>, hosts: HostPolicy) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(Arc::new(hosts), host_guard))
+        .layer(middleware::from_fn(size_guard))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
         .with_state(broker)
 }
@@ -91,6 +92,30 @@ async fn host_guard(State(hosts): State<Arc<HostPolicy>>, req: Request, next: Ne
         }
     }
     next.run(req).await
+}
+
+/// Longest request target answered (real ones are a few hundred bytes).
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Largest total of header names and values answered.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Oversized request targets and headers get a 414/431 in the dialect's shape (hyper closes the
+/// connection with a bare 431 only beyond `Limits::max_head_bytes`).
+async fn size_guard(req: Request, next: Next) -> Response {
+    let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    let header_len: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    let (status, description) = if uri_len > MAX_URI_BYTES {
+        (StatusCode::URI_TOO_LONG, format!("request URI is {uri_len} bytes; the limit is {MAX_URI_BYTES}"))
+    } else if header_len > MAX_HEADER_BYTES {
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("request headers are {header_len} bytes; the limit is {MAX_HEADER_BYTES}"),
+        )
+    } else {
+        return next.run(req).await;
+    };
+    RequestError { status, code: "invalid_request", description, retry_after: None }
+        .into_response(Dialect::for_path(req.uri().path()))
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -153,22 +178,105 @@ pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
     Ok(out)
 }
 
-/// Serves `app` on every listener until `shutdown` is cancelled, then lets in-flight requests finish.
-pub async fn serve(listeners: Vec<TcpListener>, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for l in listeners {
-        let app = app.clone();
-        let stop = shutdown.clone();
-        tasks.spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(std::io::Error::other(format!("listener task failed: {e}"))),
+/// Limits against hostile or broken clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A client must send its whole request head within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// Open connections per listener; beyond it new connections are closed at once.
+    pub max_connections: usize,
+    /// Hard cap on a request head (hyper answers a bare 431 beyond it).
+    pub max_head_bytes: usize,
+    /// Grace for in-flight requests after shutdown starts.
+    pub drain: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+            max_head_bytes: 64 * 1024,
+            drain: Duration::from_secs(10),
         }
     }
-    Ok(())
+}
+
+/// Serves `app` on every listener until `shutdown` is cancelled, then lets in-flight requests finish
+/// for at most `limits.drain`.
+pub async fn serve(listeners: Vec<TcpListener>, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    serve_with(listeners, app, shutdown, Limits::default()).await
+}
+
+/// [`serve`] with explicit limits.
+pub async fn serve_with(
+    listeners: Vec<TcpListener>,
+    app: Router,
+    shutdown: CancellationToken,
+    limits: Limits,
+) -> std::io::Result<()> {
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let (app, stop, graceful) = (app.clone(), shutdown.clone(), graceful.clone());
+        tasks.spawn(accept_loop(listener, app, stop, graceful, limits));
+    }
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            result = Err(std::io::Error::other(format!("listener task failed: {e}")));
+        }
+    }
+    // The accept loops are done, so this is the last reference.
+    if let Ok(graceful) = Arc::try_unwrap(graceful)
+        && tokio::time::timeout(limits.drain, graceful.shutdown()).await.is_err()
+    {
+        tracing::warn!(drain_s = limits.drain.as_secs(), "connections still open after the drain period; closing them");
+    }
+    result
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    stop: CancellationToken,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    limits: Limits,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_head_bytes)
+        .keep_alive(true);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = limits.max_connections, "connection limit reached; closing a new connection");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
 }
 
 #[cfg(test)]
