@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one test command of the project: formatting, lints and all tests (unit + integration).
 # Integration tests use a real identity provider (tests/idp, Node.js) and real Azure SDK clients
-# (tests/clients: Python venv in .venv-test, JavaScript in tests/clients/js); all are installed here on
-# first use and reused after.
+# (tests/clients: Python venv in .venv-test, JavaScript in tests/clients/js, the Azure CLI in
+# .venv-azcli); all are installed here on first use and reused after.
 #
 # Usage: scripts/test.sh [ARGS...]    ARGS are passed to `cargo test` (e.g. a test-name filter).
 set -euo pipefail
@@ -65,7 +65,27 @@ else
     echo "Azure SDK test clients are up to date ($VENV)"
 fi
 
+# ---- Azure CLI (Python venv) ---------------------------------------------------------------------
+AZ_VENV=.venv-azcli
+AZ_LOCK=tests/clients/azcli/requirements.lock
+AZ_STAMP=$AZ_VENV/.installed
+if [[ ! -x $AZ_VENV/bin/az || ! -f $AZ_STAMP || $AZ_LOCK -nt $AZ_STAMP ]]; then
+    banner "Installing the Azure CLI test client into $AZ_VENV ($AZ_LOCK)"
+    if [[ ! -x $AZ_VENV/bin/python ]]; then
+        rm -rf "$AZ_VENV"
+        if ! python3 -m venv "$AZ_VENV"; then
+            rm -rf "$AZ_VENV"
+            die "'python3 -m venv' failed: install the venv module (Debian/Ubuntu: apt-get install python3-venv)"
+        fi
+    fi
+    "$AZ_VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$AZ_LOCK"
+    touch "$AZ_STAMP"
+else
+    echo "Azure CLI test client is up to date ($AZ_VENV)"
+fi
+
 export TOKEND_TEST_PYTHON=$ROOT/$VENV/bin/python
+export TOKEND_TEST_AZ=$ROOT/$AZ_VENV/bin/az
 export TOKEND_TEST_IDP_DIR=$ROOT/$IDP_DIR
 export TOKEND_TEST_JS_DIR=$ROOT/$JS_DIR
 

@@ -4,10 +4,12 @@
 // Helpers are `pub` for the sibling test modules of this one binary.
 #![allow(unreachable_pub)]
 
+mod azcli;
 mod cli;
 mod clients;
 mod credentials;
 mod failures;
+mod hostile;
 mod readme;
 mod refresh;
 mod reload;
