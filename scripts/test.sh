@@ -2,7 +2,8 @@
 # The one test command of the project: formatting, lints and all tests (unit + integration).
 # Integration tests use a real identity provider (tests/idp, Node.js) and real Azure SDK clients
 # (tests/clients: Python venv in .venv-test, JavaScript in tests/clients/js, the Azure CLI in
-# .venv-azcli); all are installed here on first use and reused after.
+# .venv-azcli), and schemathesis (.venv-contract) checks tokend against docs/openapi.yaml; all are
+# installed here on first use and reused after.
 #
 # Usage: scripts/test.sh [ARGS...]    ARGS are passed to `cargo test` (e.g. a test-name filter).
 set -euo pipefail
@@ -84,8 +85,28 @@ else
     echo "Azure CLI test client is up to date ($AZ_VENV)"
 fi
 
+# ---- schemathesis (Python venv), for the contract test against docs/openapi.yaml --------------------
+ST_VENV=.venv-contract
+ST_LOCK=tests/contract/requirements.lock
+ST_STAMP=$ST_VENV/.installed
+if [[ ! -x $ST_VENV/bin/st || ! -f $ST_STAMP || $ST_LOCK -nt $ST_STAMP ]]; then
+    banner "Installing schemathesis into $ST_VENV ($ST_LOCK)"
+    if [[ ! -x $ST_VENV/bin/python ]]; then
+        rm -rf "$ST_VENV"
+        if ! python3 -m venv "$ST_VENV"; then
+            rm -rf "$ST_VENV"
+            die "'python3 -m venv' failed: install the venv module (Debian/Ubuntu: apt-get install python3-venv)"
+        fi
+    fi
+    "$ST_VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$ST_LOCK"
+    touch "$ST_STAMP"
+else
+    echo "schemathesis is up to date ($ST_VENV)"
+fi
+
 export TOKEND_TEST_PYTHON=$ROOT/$VENV/bin/python
 export TOKEND_TEST_AZ=$ROOT/$AZ_VENV/bin/az
+export TOKEND_TEST_SCHEMATHESIS=$ROOT/$ST_VENV/bin/st
 export TOKEND_TEST_IDP_DIR=$ROOT/$IDP_DIR
 export TOKEND_TEST_JS_DIR=$ROOT/$JS_DIR
 

@@ -352,7 +352,13 @@ pub(crate) fn parse_response(
     if !(200..300).contains(&status) {
         let code =
             serde_json::from_slice::<ErrorWire>(body).ok().and_then(|e| e.error).unwrap_or_else(|| "-".to_owned());
-        let code: String = code.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
+        // OAuth error codes are snake_case words; anything else is not echoed (it could be anything).
+        let code = if !code.is_empty() && code.len() <= 40 && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        {
+            code
+        } else {
+            "-".to_owned()
+        };
         return Err(match code.as_str() {
             "invalid_client" | "unauthorized_client" => IdpError::CredentialRejected { status, error: code },
             "invalid_scope" | "invalid_target" | "invalid_resource" => IdpError::BadResource { status, error: code },
@@ -458,5 +464,42 @@ mod tests {
         assert!(!e.to_string().contains("secret-token-value"), "{e}");
         assert!(matches!(err(200, r#"{"token_type":"Bearer","expires_in":1}"#), IdpError::Malformed { .. }));
         assert!(matches!(err(200, r#"{"access_token":"x"}"#), IdpError::Malformed { .. }));
+    }
+}
+
+/// Property tests: parsing whatever an IdP (or a proxy in front of it) answers never panics, and no
+/// error message ever carries the body's access token.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn parse_response_never_panics(status in 100u16..600, body in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = parse_response(status, None, "application/json", &body);
+        }
+
+        #[test]
+        fn json_shaped_answers_never_panic(
+            status in prop::sample::select(vec![200u16, 400, 401, 429, 500, 503]),
+            expires in prop_oneof![Just("3599".to_owned()), Just("\"3599\"".to_owned()), Just("-1".to_owned()), Just("1e309".to_owned()), Just("null".to_owned()), "[0-9.\"]{0,12}"],
+            token_type in prop_oneof![Just("Bearer"), Just("pop"), Just("")],
+            error in prop_oneof![Just("invalid_client"), Just("invalid_scope"), Just("weird\u{0}code"), Just("")],
+        ) {
+            let body = format!(r#"{{"token_type":"{token_type}","expires_in":{expires},"access_token":"tok","error":"{error}"}}"#);
+            let _ = parse_response(status, None, "application/json", body.as_bytes());
+        }
+
+        #[test]
+        fn errors_never_carry_the_access_token(token in "[A-Za-z0-9_-]{24,64}", status in 200u16..600) {
+            let body = format!(r#"{{"token_type":"pop","expires_in":"x","access_token":"{token}","error":"{token}"}}"#);
+            if let Err(e) = parse_response(status, None, "application/json", body.as_bytes()) {
+                prop_assert!(!e.to_string().contains(&token));
+            }
+        }
     }
 }

@@ -113,3 +113,22 @@ mod tests {
         assert_eq!(Resource::parse(&"a".repeat(3000)), Err(ResourceError::TooLong));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn parse_never_panics_and_scope_round_trips(raw in ".{0,200}") {
+            if let Ok(r) = Resource::parse(&raw) {
+                prop_assert_eq!(Resource::parse(&r.scope()), Ok(r.clone()));
+                prop_assert!(!r.as_str().ends_with("/.default"));
+            }
+        }
+    }
+}

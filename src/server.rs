@@ -283,6 +283,36 @@ async fn accept_loop(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_and_the_limit_frees_up() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/healthz", get(healthz));
+        let stop = CancellationToken::new();
+        let limits = Limits { max_connections: 3, ..Limits::default() };
+        let server = tokio::spawn(serve_with(vec![listener], app, stop.clone(), limits));
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.expect("closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "the fourth connection is closed, not served");
+        idle.clear();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut ok = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.expect("write");
+        let mut answer = String::new();
+        ok.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        stop.cancel();
+        server.await.expect("join").expect("serve");
+    }
+
     #[test]
     fn host_policy() {
         let p = HostPolicy::for_listen(&["10.1.2.3:80".parse().expect("addr")]);

@@ -343,3 +343,43 @@ mod tests {
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
     }
 }
+
+/// Property tests ("fuzzing" in bounded mode, run by the test command): request parsing never panics
+/// and never loses a resource, whatever the bytes.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn parse_query_never_panics(raw in ".{0,300}") {
+            let _ = parse_query(Some(&raw));
+        }
+
+        #[test]
+        fn parse_query_bytes_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let text = String::from_utf8_lossy(&raw);
+            let _ = parse_query(Some(&text));
+        }
+
+        #[test]
+        fn encoded_resources_round_trip(resource in "[a-zA-Z0-9:/._~%+ -]{1,80}", encode in any::<bool>()) {
+            let query = if encode {
+                form_urlencoded::Serializer::new(String::new()).append_pair("resource", &resource).finish()
+            } else {
+                format!("resource={}", resource.replace('%', "%25").replace('&', "%26").replace('+', "%2B").replace(' ', "%20"))
+            };
+            let q = parse_query(Some(&query)).expect("a well-formed query");
+            prop_assert_eq!(q.resource.as_deref(), Some(resource.as_str()));
+        }
+
+        #[test]
+        fn api_version_check_never_panics(v in ".{0,40}") {
+            let _ = check_api_version(Some(&v), "2018-02-01");
+        }
+    }
+}

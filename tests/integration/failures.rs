@@ -149,3 +149,51 @@ async fn a_wrong_secret_is_a_clear_error_with_one_upstream_call() {
     }
     assert_eq!(idp.token_requests().await, first, "bounded upstream calls however many callers and resources");
 }
+
+/// Waits until `query` answers 200; returns how long it took.
+async fn recovers(t: &Tokend, query: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let r = t.imds(query).await;
+        if r.status() == 200 {
+            return started.elapsed();
+        }
+        assert_eq!(r.status(), 503, "only 503 while the IdP misbehaves");
+        assert!(r.headers().contains_key("retry-after"));
+        assert!(started.elapsed() < within, "not recovered within {within:?}:\n{}", t.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bursts_of_5xx_resets_and_html_pages_are_retried_with_backoff() {
+    let idp = Idp::start(3600).await;
+    let t = Tokend::start(&Opts::new(&idp)).await;
+    // (fault, how many, what the caller may see meanwhile)
+    let cases = [
+        (json!({ "status": 503, "count": 3 }), 3, "https://a.example"),
+        (
+            json!({ "status": 500, "count": 2, "body": "<html>upstream error</html>", "headers": { "content-type": "text/html" } }),
+            2,
+            "https://b.example",
+        ),
+        (json!({ "drop": true, "count": 2 }), 2, "https://c.example"),
+        (
+            json!({ "status": 200, "count": 2, "body": "<html><body>Proxy login required</body></html>", "headers": { "content-type": "text/html" } }),
+            2,
+            "https://d.example",
+        ),
+    ];
+    for (fault, n, resource) in cases {
+        idp.reset().await;
+        idp.fault(fault.clone()).await;
+        let q = format!("api-version=2018-02-01&resource={resource}");
+        let took = recovers(&t, &q, Duration::from_secs(30)).await;
+        let calls = idp.token_requests().await;
+        eprintln!("{fault}: recovered after {took:?} with {calls} upstream calls");
+        assert_eq!(calls, n + 1, "{fault}: one call per failure plus the success, no hot loop");
+    }
+    let logs = t.logs();
+    assert!(logs.contains("not a JSON token response"), "the HTML page is named as such");
+    assert!(!logs.contains("Proxy login required"), "bodies are not logged");
+}

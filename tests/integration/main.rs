@@ -15,6 +15,7 @@ mod refresh;
 mod reload;
 mod secrecy;
 mod serving;
+mod soak;
 mod support;
 mod transparent;
 mod upstream;
