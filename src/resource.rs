@@ -21,7 +21,7 @@ pub enum ResourceError {
     #[error("resource is empty")]
     Empty,
     /// Longer than [`MAX_LEN`].
-    #[error("resource is longer than {MAX_LEN} characters")]
+    #[error("resource is longer than {MAX_LEN} bytes")]
     TooLong,
     /// Contains whitespace or a control character.
     #[error("resource contains whitespace or a control character")]

@@ -7,6 +7,7 @@
 mod azcli;
 mod cli;
 mod clients;
+mod contract;
 mod credentials;
 mod failures;
 mod hostile;
