@@ -117,6 +117,10 @@ cargo fmt --all -- --check
 banner "cargo clippy --all-targets --locked -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
+# The Rust SDK client the compatibility tests run (cargo test builds examples only in test mode).
+banner "cargo build --locked --examples"
+cargo build --locked --examples
+
 banner "cargo test --locked --all-targets $*"
 cargo test --locked --all-targets "$@"
 

@@ -184,3 +184,22 @@ async fn dev_mode_prints_exports_and_serves_real_clients() {
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("DEVELOPMENT ONLY"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_is_ready_again_as_fast_as_the_idp_answers() {
+    let idp = Idp::start(3600).await;
+    let resources = ["https://storage.azure.com", "https://vault.azure.net", "https://management.azure.com/"];
+    let mut t = Tokend::start(&Opts::new(&idp).resources(&resources)).await;
+    t.wait_ready(Duration::from_secs(10)).await;
+    let header = t.identity_header();
+    assert!(t.terminate().success());
+    let (dir, config, port) =
+        (std::mem::replace(&mut t.dir, tempfile::tempdir().expect("tempdir")), t.config.clone(), t.addr.port());
+    let started = std::time::Instant::now();
+    let again = Tokend::spawn(dir, config, port, &[]).await;
+    again.wait_ready(Duration::from_secs(10)).await;
+    let took = started.elapsed();
+    eprintln!("restart: ready {took:?} after exec (3 configured resources)");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(again.identity_header(), header, "clients' IDENTITY_HEADER survives a restart");
+}

@@ -262,7 +262,8 @@ async fn expiring_certificates_and_clock_skew_are_warned_about() {
 
     // The IdP's Date is two hours ahead of ours.
     let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(7200));
-    idp.fault(json!({ "status": 503, "count": 2, "headers": { "Date": date } })).await;
+    // (Retry-After beyond max_wait: the caller gets the 503 at once instead of waiting for a retry.)
+    idp.fault(json!({ "status": 503, "count": 1, "headers": { "Date": date, "Retry-After": "30" } })).await;
     assert_eq!(t.imds(Q).await.status(), 503);
     assert!(t.logs().contains("clock skew"), "{}", t.logs());
     let config = t.config.clone();

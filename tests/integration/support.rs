@@ -412,7 +412,7 @@ fn client_program(client: Client) -> (PathBuf, Vec<PathBuf>) {
             let bin = exe.parent().and_then(Path::parent).expect("target dir").join("examples/rust_sdk_token");
             assert!(
                 bin.exists(),
-                "{} is missing: build it with `cargo test --all-targets` (scripts/test.sh does)",
+                "{} is missing: build it with `cargo build --examples` (scripts/test.sh does)",
                 bin.display()
             );
             (bin, vec![])
