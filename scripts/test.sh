@@ -29,80 +29,48 @@ command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
 command -v python3 >/dev/null 2>&1 \
     || die "python3 is required for the Azure SDK test clients: apt-get install python3 python3-venv"
 
-# ---- test identity provider (npm) --------------------------------------------------------------
+# ---- installs, each redone only when its lock file changed -------------------------------------
+# npm_install DIR WHAT: `npm ci` in DIR when node_modules is missing or older than the lock.
+npm_install() {
+    local dir=$1 what=$2
+    if [[ ! -f $dir/node_modules/.package-lock.json || $dir/package-lock.json -nt $dir/node_modules/.package-lock.json ]]; then
+        banner "Installing $what ($dir, npm ci)"
+        npm ci --prefix "$dir" --no-audit --no-fund
+    else
+        echo "$what: up to date ($dir/node_modules)"
+    fi
+}
+
+# venv_install VENV LOCK PROBE WHAT: a Python venv from a fully pinned lock; PROBE is a file under
+# VENV/bin whose absence means an incomplete install.
+venv_install() {
+    local venv=$1 lock=$2 probe=$3 what=$4
+    if [[ ! -x $venv/bin/$probe || ! -f $venv/.installed || $lock -nt $venv/.installed ]]; then
+        banner "Installing $what into $venv ($lock)"
+        if [[ ! -x $venv/bin/python ]]; then
+            rm -rf "$venv"
+            if ! python3 -m venv "$venv"; then
+                rm -rf "$venv"
+                die "'python3 -m venv' failed: install the venv module (Debian/Ubuntu: apt-get install python3-venv)"
+            fi
+        fi
+        "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$lock"
+        touch "$venv/.installed"
+    else
+        echo "$what: up to date ($venv)"
+    fi
+}
+
 IDP_DIR=tests/idp
-if [[ ! -f $IDP_DIR/node_modules/.package-lock.json || $IDP_DIR/package-lock.json -nt $IDP_DIR/node_modules/.package-lock.json ]]; then
-    banner "Installing the test IdP's npm dependencies ($IDP_DIR)"
-    npm ci --prefix "$IDP_DIR" --no-audit --no-fund
-else
-    echo "test IdP dependencies are up to date ($IDP_DIR/node_modules)"
-fi
-
-# ---- Azure SDK client for JavaScript (npm) ------------------------------------------------------
 JS_DIR=tests/clients/js
-if [[ ! -f $JS_DIR/node_modules/.package-lock.json || $JS_DIR/package-lock.json -nt $JS_DIR/node_modules/.package-lock.json ]]; then
-    banner "Installing the JavaScript Azure SDK test client's npm dependencies ($JS_DIR)"
-    npm ci --prefix "$JS_DIR" --no-audit --no-fund
-else
-    echo "JavaScript Azure SDK test client dependencies are up to date ($JS_DIR/node_modules)"
-fi
-
-# ---- Azure SDK clients (Python venv) -----------------------------------------------------------
 VENV=.venv-test
-LOCK=tests/clients/requirements.lock
-STAMP=$VENV/.installed
-if [[ ! -x $VENV/bin/python || ! -f $STAMP || $LOCK -nt $STAMP ]]; then
-    banner "Installing the Azure SDK test clients into $VENV ($LOCK)"
-    if [[ ! -x $VENV/bin/python ]]; then
-        rm -rf "$VENV"
-        if ! python3 -m venv "$VENV"; then
-            rm -rf "$VENV"
-            die "'python3 -m venv' failed: install the venv module (Debian/Ubuntu: apt-get install python3-venv)"
-        fi
-    fi
-    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$LOCK"
-    touch "$STAMP"
-else
-    echo "Azure SDK test clients are up to date ($VENV)"
-fi
-
-# ---- Azure CLI (Python venv) ---------------------------------------------------------------------
 AZ_VENV=.venv-azcli
-AZ_LOCK=tests/clients/azcli/requirements.lock
-AZ_STAMP=$AZ_VENV/.installed
-if [[ ! -x $AZ_VENV/bin/az || ! -f $AZ_STAMP || $AZ_LOCK -nt $AZ_STAMP ]]; then
-    banner "Installing the Azure CLI test client into $AZ_VENV ($AZ_LOCK)"
-    if [[ ! -x $AZ_VENV/bin/python ]]; then
-        rm -rf "$AZ_VENV"
-        if ! python3 -m venv "$AZ_VENV"; then
-            rm -rf "$AZ_VENV"
-            die "'python3 -m venv' failed: install the venv module (Debian/Ubuntu: apt-get install python3-venv)"
-        fi
-    fi
-    "$AZ_VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$AZ_LOCK"
-    touch "$AZ_STAMP"
-else
-    echo "Azure CLI test client is up to date ($AZ_VENV)"
-fi
-
-# ---- schemathesis (Python venv), for the contract test against docs/openapi.yaml --------------------
 ST_VENV=.venv-contract
-ST_LOCK=tests/contract/requirements.lock
-ST_STAMP=$ST_VENV/.installed
-if [[ ! -x $ST_VENV/bin/st || ! -f $ST_STAMP || $ST_LOCK -nt $ST_STAMP ]]; then
-    banner "Installing schemathesis into $ST_VENV ($ST_LOCK)"
-    if [[ ! -x $ST_VENV/bin/python ]]; then
-        rm -rf "$ST_VENV"
-        if ! python3 -m venv "$ST_VENV"; then
-            rm -rf "$ST_VENV"
-            die "'python3 -m venv' failed: install the venv module (Debian/Ubuntu: apt-get install python3-venv)"
-        fi
-    fi
-    "$ST_VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$ST_LOCK"
-    touch "$ST_STAMP"
-else
-    echo "schemathesis is up to date ($ST_VENV)"
-fi
+npm_install "$IDP_DIR" "the test IdP"
+npm_install "$JS_DIR" "the JavaScript Azure SDK client"
+venv_install "$VENV" tests/clients/requirements.lock python "the Python Azure SDK clients"
+venv_install "$AZ_VENV" tests/clients/azcli/requirements.lock az "the Azure CLI"
+venv_install "$ST_VENV" tests/contract/requirements.lock st "schemathesis"
 
 export TOKEND_TEST_PYTHON=$ROOT/$VENV/bin/python
 export TOKEND_TEST_AZ=$ROOT/$AZ_VENV/bin/az

@@ -133,15 +133,8 @@ async fn broker_token(t: &Tokend, resource: &str, extra: &str) -> String {
 async fn azure_cli_login_identity_on_both_routes() {
     let az = az_exe();
     let idp = Idp::start(3600).await;
-    let mut o = Opts::new(&idp);
     let dir = tempfile::tempdir().expect("tempdir");
-    let s2 = dir.path().join("s2");
-    std::fs::write(&s2, SECRET_2).expect("write");
-    o.extra = format!(
-        "[[identity]]\nname = \"second\"\nclient_id = \"{CLIENT_ID_2}\"\ntoken_url = \"{}\"\nclient_secret_file = \"{}\"\n",
-        idp.token_url(),
-        s2.display()
-    );
+    let o = Opts::new(&idp).with_second_identity(&idp, dir.path());
     let t = Tokend::start(&o).await;
     let (ca, cert, key) = make_tls(dir.path());
     let arm = ArmStub::start(dir.path(), &cert, &key);

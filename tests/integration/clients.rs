@@ -24,15 +24,8 @@ fn ok_token(v: &Value) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn azure_identity_managed_identity_credential_on_both_routes() {
     let idp = Idp::start(3600).await;
-    let mut o = Opts::new(&idp);
     let dir = tempfile::tempdir().expect("tempdir");
-    let s2 = dir.path().join("s2");
-    std::fs::write(&s2, SECRET_2).expect("write");
-    o.extra = format!(
-        "[[identity]]\nname = \"second\"\nclient_id = \"{CLIENT_ID_2}\"\ntoken_url = \"{}\"\nclient_secret_file = \"{}\"\n",
-        idp.token_url(),
-        s2.display()
-    );
+    let o = Opts::new(&idp).with_second_identity(&idp, dir.path());
     let t = Tokend::start(&o).await;
     let app_env = vec![("IDENTITY_ENDPOINT", t.url("/msi/token")), ("IDENTITY_HEADER", t.identity_header())];
     let imds_env = vec![("AZURE_POD_IDENTITY_AUTHORITY_HOST", t.url(""))];
@@ -112,15 +105,8 @@ async fn rust_sdk_managed_identity_credential_via_app_service_variables() {
 #[tokio::test(flavor = "multi_thread")]
 async fn javascript_and_msal_python_on_both_routes() {
     let idp = Idp::start(3600).await;
-    let mut o = Opts::new(&idp);
     let dir = tempfile::tempdir().expect("tempdir");
-    let s2 = dir.path().join("s2");
-    std::fs::write(&s2, SECRET_2).expect("write");
-    o.extra = format!(
-        "[[identity]]\nname = \"second\"\nclient_id = \"{CLIENT_ID_2}\"\ntoken_url = \"{}\"\nclient_secret_file = \"{}\"\n",
-        idp.token_url(),
-        s2.display()
-    );
+    let o = Opts::new(&idp).with_second_identity(&idp, dir.path());
     let t = Tokend::start(&o).await;
     let app = vec![("IDENTITY_ENDPOINT", t.url("/msi/token")), ("IDENTITY_HEADER", t.identity_header())];
     let imds = vec![("AZURE_POD_IDENTITY_AUTHORITY_HOST", t.url(""))];

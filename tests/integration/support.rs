@@ -211,6 +211,18 @@ impl Opts {
         }
     }
 
+    /// Adds a second identity, `second` (`CLIENT_ID_2`), with its secret in a file under `dir`.
+    pub fn with_second_identity(mut self, idp: &Idp, dir: &Path) -> Self {
+        let secret = dir.join("second-secret");
+        std::fs::write(&secret, SECRET_2).expect("write");
+        self.extra.push_str(&format!(
+            "[[identity]]\nname = \"second\"\nclient_id = \"{CLIENT_ID_2}\"\ntoken_url = \"{}\"\nclient_secret_file = {:?}\n",
+            idp.token_url(),
+            secret.display().to_string()
+        ));
+        self
+    }
+
     pub fn resources(mut self, r: &[&str]) -> Self {
         self.resources = r.iter().map(|s| (*s).to_owned()).collect();
         self
