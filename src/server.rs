@@ -283,6 +283,131 @@ async fn accept_loop(
 mod tests {
     use super::*;
 
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use crate::idp::{IdpError, IssuedToken};
+    use crate::token::TokenSource;
+    use crate::token::cache::BoxFuture;
+
+    /// Issues `fixed-token` for an hour.
+    struct Fixed;
+
+    impl TokenSource for Fixed {
+        fn fetch<'a>(
+            &'a self,
+            _: &'a crate::identity::Identity,
+            _: &'a crate::resource::Resource,
+        ) -> BoxFuture<'a, Result<IssuedToken, IdpError>> {
+            Box::pin(async {
+                Ok(IssuedToken {
+                    access_token: "fixed-token".to_owned().into(),
+                    expires_in: Duration::from_secs(3600),
+                    ext_expires_in: None,
+                    refresh_in: None,
+                    requested_at: std::time::SystemTime::now(),
+                })
+            })
+        }
+    }
+
+    fn app() -> (Router, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("secret"), "s").expect("write");
+        let text = "[[identity]]\nclient_id = \"cid\"\ntoken_url = \"http://127.0.0.1:9/t\"\nclient_secret_file = \"secret\"\n";
+        let config = crate::config::Config::from_toml(text, &dir.path().join("t.toml"), &|_| None).expect("config");
+        let broker = Broker::start(
+            &config,
+            "header-secret".to_owned().into(),
+            Arc::new(Fixed),
+            &tokio_util::task::TaskTracker::new(),
+            &CancellationToken::new(),
+        );
+        (router(broker, HostPolicy::default()), dir)
+    }
+
+    async fn call(
+        app: &Router,
+        req: axum::http::Request<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+        let resp = app.clone().oneshot(req).await.expect("infallible");
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.expect("body").to_bytes();
+        (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    fn request(uri: &str) -> axum::http::request::Builder {
+        axum::http::Request::get(uri).header(header::HOST, "127.0.0.1:50342")
+    }
+
+    #[tokio::test]
+    async fn router_answers_every_case_in_the_right_shape() {
+        let (app, _dir) = app();
+        let q = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://storage.azure.com";
+        let (status, headers, body) =
+            call(&app, request(q).header("Metadata", "true").body(Body::empty()).expect("req")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        assert_eq!(body["access_token"], "fixed-token");
+        assert_eq!(body["client_id"], "cid");
+        for f in ["expires_in", "expires_on", "ext_expires_in", "not_before"] {
+            assert!(body[f].as_str().is_some_and(|v| v.bytes().all(|b| b.is_ascii_digit())), "{f}: {body}");
+        }
+        let (status, _, body) = call(&app, request(q).body(Body::empty()).expect("req")).await;
+        assert_eq!(
+            (status, body["error_description"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("Required metadata header not specified"))
+        );
+        let (status, _, body) = call(
+            &app,
+            request("/msi/token?api-version=2019-08-01&resource=r")
+                .header("X-IDENTITY-HEADER", "nope")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await;
+        assert_eq!((status, body["statusCode"].as_u64()), (StatusCode::UNAUTHORIZED, Some(401)));
+        let (status, _, body) = call(
+            &app,
+            request("/msi/token?api-version=2019-08-01&resource=r")
+                .header("X-IDENTITY-HEADER", "header-secret")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await;
+        assert_eq!((status, body["access_token"].as_str()), (StatusCode::OK, Some("fixed-token")));
+        let post = axum::http::Request::post(q)
+            .header(header::HOST, "localhost")
+            .header("Metadata", "true")
+            .body(Body::empty())
+            .expect("req");
+        let (status, headers, body) = call(&app, post).await;
+        assert_eq!(
+            (status, &headers[header::ALLOW]),
+            (StatusCode::METHOD_NOT_ALLOWED, &header::HeaderValue::from_static("GET, HEAD"))
+        );
+        assert_eq!(body["error"], "method_not_allowed");
+        let (status, _, body) = call(&app, request("/nope").body(Body::empty()).expect("req")).await;
+        assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+        let evil = axum::http::Request::get(q)
+            .header(header::HOST, "evil.example")
+            .header("Metadata", "true")
+            .body(Body::empty())
+            .expect("req");
+        let (status, _, body) = call(&app, evil).await;
+        assert!(
+            status == StatusCode::BAD_REQUEST && body["error_description"].as_str().is_some_and(|d| d.contains("Host")),
+            "{body}"
+        );
+        let long = format!("{q}&x={}", "a".repeat(MAX_URI_BYTES));
+        let (status, _, body) =
+            call(&app, request(&long).header("Metadata", "true").body(Body::empty()).expect("req")).await;
+        assert_eq!((status, body["error"].as_str()), (StatusCode::URI_TOO_LONG, Some("invalid_request")));
+        let (status, _, body) = call(&app, request("/readyz").body(Body::empty()).expect("req")).await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ready")));
+    }
+
     #[tokio::test]
     async fn connections_beyond_the_limit_are_closed_and_the_limit_frees_up() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
