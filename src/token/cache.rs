@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -123,13 +123,26 @@ struct Entry {
     identity: RwLock<Arc<Identity>>,
     slot: watch::Receiver<Slot>,
     wake: Notify,
-    last_used: Mutex<Instant>,
+    /// Milliseconds since `created` at the last caller: an atomic, so the hot path takes no lock for it.
+    last_used_ms: AtomicU64,
+    created: Instant,
     /// Configured resources are pinned; a reload may unpin them (then they idle out like on-demand ones).
     pinned: AtomicBool,
     /// Set with a wake-up when the identity's credential changed: retry now, forgetting the backoff.
     reset: AtomicBool,
     /// Stops this entry's refresher (identity removed, or shutdown).
     cancel: CancellationToken,
+}
+
+impl Entry {
+    fn touch(&self) {
+        let ms = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_used_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_used(&self) -> Instant {
+        self.created + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// Readiness of one configured (pinned) resource.
@@ -285,7 +298,7 @@ impl TokenCache {
         let mut first_look = true;
         loop {
             let entry = self.entry(identity, resource, false);
-            *entry.last_used.lock() = Instant::now();
+            entry.touch();
             let mut rx = entry.slot.clone();
             loop {
                 let now = Instant::now();
@@ -348,7 +361,8 @@ impl TokenCache {
             identity: RwLock::new(identity.clone()),
             slot: rx,
             wake: Notify::new(),
-            last_used: Mutex::new(Instant::now()),
+            last_used_ms: AtomicU64::new(0),
+            created: Instant::now(),
             pinned: AtomicBool::new(pinned),
             reset: AtomicBool::new(false),
             cancel: self.inner.cancel.child_token(),
@@ -378,7 +392,7 @@ async fn refresher(inner: Arc<Inner>, key: Key, entry: Arc<Entry>, tx: watch::Se
             tx.send_modify(|s| s.failure = None);
         }
         let now = Instant::now();
-        let idle_at = (!entry.pinned.load(Ordering::SeqCst)).then(|| *entry.last_used.lock() + policy.idle_timeout);
+        let idle_at = (!entry.pinned.load(Ordering::SeqCst)).then(|| entry.last_used() + policy.idle_timeout);
         if idle_at.is_some_and(|t| now >= t) {
             let mut map = inner.entries.write();
             if map.get(&key).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
