@@ -7,9 +7,9 @@
 //!
 //! A reload validates the new configuration completely first ([`Config::load`]: files read, certificates
 //! loaded and test-signed). A configuration that fails is rejected, loudly, and the previous one keeps
-//! serving. An accepted one is applied live: identities (added, removed, changed credentials — their
-//! tokens are refetched at once while the old ones keep being served), configured resources and
-//! `[tokens]`. `[server]` and `[upstream]` changes need a restart; a reload says which keys changed.
+//! serving. An accepted one is applied live: identities (added, removed, changed credentials — failing
+//! keys retry at once, valid tokens are refreshed with the new credential on schedule), configured
+//! resources and `[tokens]`. `[server]` and `[upstream]` changes need a restart; a reload says which keys changed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -213,9 +213,10 @@ impl TokenCache {
     }
 
     /// Applies a (re)loaded set of identities: entries of removed identities stop; entries of an identity
-    /// whose upstream settings or credential changed switch to the new one and retry at once (the old
-    /// token keeps being served meanwhile); configured resources are pinned, no longer configured ones
-    /// become on-demand.
+    /// whose upstream settings or credential changed switch to the new one, forget their backoff and,
+    /// if they hold a failure, retry at once (a servable token is kept and refreshed with the new
+    /// credential on schedule); configured resources are pinned, no longer configured ones become
+    /// on-demand.
     pub fn apply(&self, identities: &[Arc<Identity>]) {
         let by_name: HashMap<String, Arc<Identity>> = identities.iter().map(|i| (i.name.clone(), i.clone())).collect();
         let changed: Vec<String> = {
