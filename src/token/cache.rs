@@ -67,13 +67,20 @@ enum Cause {
     Panicked,
 }
 
+impl Cause {
+    /// How the refresher treats it: the one mapping, used for backoff and for callers.
+    fn class(&self) -> FailureClass {
+        match self {
+            Self::Idp(e) => e.class(),
+            Self::TooShortLived(_) => FailureClass::Rejected,
+            Self::Panicked => FailureClass::Transient,
+        }
+    }
+}
+
 impl Failure {
     fn class(&self) -> FailureClass {
-        match &self.cause {
-            Cause::Idp(e) => e.class(),
-            Cause::TooShortLived(_) => FailureClass::Rejected,
-            Cause::Panicked => FailureClass::Transient,
-        }
+        self.cause.class()
     }
 
     fn describe(&self) -> String {
@@ -450,11 +457,7 @@ async fn refresher(inner: Arc<Inner>, key: Key, entry: Arc<Entry>, tx: watch::Se
                     continue;
                 }
                 Some(Err(cause)) => {
-                    let class = match &cause {
-                        Cause::Idp(e) => e.class(),
-                        Cause::TooShortLived(_) => FailureClass::Rejected,
-                        Cause::Panicked => FailureClass::Transient,
-                    };
+                    let class = cause.class();
                     let retry_after = match &cause {
                         Cause::Idp(e) => e.retry_after(),
                         _ => None,
