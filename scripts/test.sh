@@ -2,8 +2,9 @@
 # The one test command of the project: formatting, lints and all tests (unit + integration).
 # Integration tests use a real identity provider (tests/idp, Node.js) and real Azure SDK clients
 # (tests/clients: Python venv in .venv-test, JavaScript in tests/clients/js, the Azure CLI in
-# .venv-azcli), and schemathesis (.venv-contract) checks tokend against docs/openapi.yaml; all are
-# installed here on first use and reused after.
+# .venv-azcli, the Rust SDK crate tests/clients/rust built into target/rust-sdk-client), and
+# schemathesis (.venv-contract) checks tokend against docs/openapi.yaml; all are installed or built
+# here on first use and reused after.
 #
 # Usage: scripts/test.sh [ARGS...]    ARGS are passed to `cargo test` (e.g. a test-name filter).
 set -euo pipefail
@@ -85,9 +86,11 @@ cargo fmt --all -- --check
 banner "cargo clippy --all-targets --locked -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
-# The Rust SDK client the compatibility tests run (cargo test builds examples only in test mode).
-banner "cargo build --locked --examples"
-cargo build --locked --examples
+# The Rust SDK client the compatibility tests run: its own crate with its own Cargo.lock, so the SDK's
+# dependencies stay out of tokend's builds.
+banner "cargo build --locked --manifest-path tests/clients/rust/Cargo.toml --target-dir target/rust-sdk-client"
+cargo build --locked --manifest-path tests/clients/rust/Cargo.toml --target-dir target/rust-sdk-client
+export TOKEND_TEST_RUST_SDK=$ROOT/target/rust-sdk-client/debug/rust_sdk_token
 
 banner "cargo test --locked --all-targets $*"
 cargo test --locked --all-targets "$@"

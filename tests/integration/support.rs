@@ -399,7 +399,7 @@ pub enum Client {
     AzureIdentityPython,
     /// msal-python's ManagedIdentityClient (tests/clients/msal_token.py).
     MsalPython,
-    /// The Rust SDK, azure_identity 1.0 (examples/rust_sdk_token.rs).
+    /// The Rust SDK, azure_identity 1.0 (tests/clients/rust, its own crate).
     AzureIdentityRust,
     /// JavaScript @azure/identity (tests/clients/js/get_token.mjs).
     AzureIdentityJs,
@@ -420,11 +420,11 @@ fn client_program(client: Client) -> (PathBuf, Vec<PathBuf>) {
         Client::AzureIdentityPython => (python(), vec![repo().join("tests/clients/get_token.py")]),
         Client::MsalPython => (python(), vec![repo().join("tests/clients/msal_token.py")]),
         Client::AzureIdentityRust => {
-            let exe = std::env::current_exe().expect("test exe");
-            let bin = exe.parent().and_then(Path::parent).expect("target dir").join("examples/rust_sdk_token");
+            let bin = std::env::var_os("TOKEND_TEST_RUST_SDK")
+                .map_or_else(|| repo().join("target/rust-sdk-client/debug/rust_sdk_token"), PathBuf::from);
             assert!(
                 bin.exists(),
-                "{} is missing: build it with `cargo build --examples` (scripts/test.sh does)",
+                "the Rust SDK client {} is missing: run ./scripts/test.sh (or `cargo build --locked --manifest-path tests/clients/rust/Cargo.toml --target-dir target/rust-sdk-client`)",
                 bin.display()
             );
             (bin, vec![])

@@ -3,6 +3,11 @@
 //! `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` (App Service), or nothing at all, in which case the SDK calls
 //! IMDS at 169.254.169.254 (tokend's transparent mode).
 //!
+//! It is its own crate in tests/clients/rust (own workspace and Cargo.lock), so the SDK is not compiled
+//! into tokend's builds. scripts/test.sh builds it with
+//! `cargo build --locked --manifest-path tests/clients/rust/Cargo.toml --target-dir target/rust-sdk-client`
+//! and passes the binary to the tests in `TOKEND_TEST_RUST_SDK`.
+//!
 //! Usage: `rust_sdk_token MODE RESOURCE [--client-id ID]`, MODE `mi` or `mi-client-id`. Prints one JSON
 //! line, `{"ok":true,"token":..,"expires_on":..}` or `{"ok":false,"error_type":..,"error":..}`; exits 2 on
 //! a usage error.
