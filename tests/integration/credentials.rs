@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use rustls_pki_types::pem::PemObject;
@@ -203,6 +203,47 @@ async fn federated_token_file_is_read_anew_for_every_request() {
     let r = t.imds("api-version=2018-02-01&resource=https://vault.azure.net").await;
     assert_eq!(r.status(), 200, "{}", t.logs());
     assert_eq!(idp.token_requests().await, 2);
+}
+
+/// A PKCS#12 file replaced by one with another key (binary, same path and password) is picked up by the
+/// credential-file poll: the IdP rejects the old certificate, then accepts the new one, with no restart
+/// and no retry loop against the rejection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_pkcs12_certificate_is_picked_up_without_restart() {
+    let (old, new) = (ClientCert::new(365), ClientCert::new(365));
+    let idp = Idp::start_with_cert(3600, &new.path("client.crt")).await;
+    let creds = tempfile::tempdir().expect("tempdir");
+    let (pfx, password) = (creds.path().join("cert.pfx"), creds.path().join("cert-password"));
+    std::fs::copy(old.path("client-aes.pfx"), &pfx).expect("copy the old certificate");
+    std::fs::write(&password, "pfxpass\n").expect("write");
+    let toml = format!("certificate_file = {pfx:?}\ncertificate_password_file = {password:?}\n");
+    let t = start(&identity_with(&idp, "broker-cert", &toml), &[]).await;
+    assert_eq!(t.imds(Q).await.status(), 500, "the IdP does not know the old certificate:\n{}", t.logs());
+    assert_eq!(last_assertion_header(&idp).await["x5t#S256"], thumbprint_s256(&old.path("client.crt")));
+    let pid = t.pid();
+
+    // Rotate as rotation tools do: write a sibling temp file, then rename it over the watched path, so the
+    // poll can never read a half-written PFX (which would be REJECTED once before the complete one loads).
+    let staged = creds.path().join(".cert.pfx.tmp");
+    std::fs::copy(new.path("client-aes.pfx"), &staged).expect("stage the new certificate");
+    std::fs::rename(&staged, &pfx).expect("rename over the old certificate");
+    let started = Instant::now();
+    let r = loop {
+        let r = t.imds(Q).await;
+        if r.status() == 200 {
+            break r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "rotation not picked up within 10 s:\n{}", t.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("rotated certificate picked up after {:?}", started.elapsed());
+    assert_eq!(t.pid(), pid, "no restart");
+    assert!(t.logs().contains("configuration reloaded"), "{}", t.logs());
+    assert_eq!(client_of(&r.json().await.expect("json")), "broker-cert");
+    assert_eq!(last_assertion_header(&idp).await["x5t#S256"], thumbprint_s256(&new.path("client.crt")));
+    // One rejected assertion and one accepted (2 in practice; 3 leaves room for timing). More is a retry loop.
+    let requests = idp.token_requests().await;
+    assert!(requests <= 3, "{requests} token requests: the rejection backoff was reset, no loop");
 }
 
 #[tokio::test(flavor = "multi_thread")]
