@@ -1,85 +1,75 @@
-//! The broker: identities, the token cache and the App Service secret, shared by every request.
+//! The broker: the live configuration snapshot, the token cache and the App Service secret, shared
+//! by every request; and the identity header file (created 0600, kept if present).
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use base64::Engine;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ConfigError, IdentityHeaderSource, readable_warning};
-use crate::identity::{Identities, Identity, Selector, UnknownIdentity};
-use crate::token::TokenSource;
-use crate::token::cache::{PinnedState, TokenCache};
+use crate::config::{Config, ConfigError, IdentityHeaderSource};
+use crate::secret::{SecretFileError, constant_time_eq, random_secret, read_secret_file, readable_warning};
+use crate::snapshot::{Live, Snapshot};
+use crate::token::{PinnedState, TokenCache, TokenSource};
 
 /// Everything a request handler needs.
 #[derive(Debug)]
-pub struct Broker {
-    /// Replaced as a whole by a reload.
-    identities: parking_lot::RwLock<Identities>,
+pub(crate) struct Broker {
+    /// The running configuration; a reload replaces it in one swap.
+    live: Arc<Live>,
     cache: TokenCache,
     identity_header: SecretString,
 }
 
 impl Broker {
     /// Builds the broker and starts fetching every configured resource.
-    pub fn start(
+    pub(crate) fn start(
         config: &Config,
         identity_header: SecretString,
         source: Arc<dyn TokenSource>,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Arc<Self> {
-        let identities = Identities::new(config.identities.clone());
-        let cache = TokenCache::new(source, config.tokens, tracker.clone(), cancel.clone());
-        cache.apply(&identities.iter().cloned().collect::<Vec<_>>());
-        Arc::new(Self { identities: parking_lot::RwLock::new(identities), cache, identity_header })
+        let live = Arc::new(Live::new(Snapshot::new(config)));
+        let cache = TokenCache::new(source, live.clone(), tracker.clone(), cancel.clone());
+        cache.apply(None);
+        Arc::new(Self { live, cache, identity_header })
     }
 
-    /// The identity a caller selected, or the default one.
-    pub fn select(&self, selector: Option<&Selector>) -> Result<Arc<Identity>, UnknownIdentity> {
-        self.identities.read().select(selector).cloned()
+    /// The current configuration snapshot: a request takes it once and works on it throughout.
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.live.load()
     }
 
-    /// Applies a reloaded configuration's identities and token policy, without dropping a request:
-    /// requests in flight keep the identity they selected; the cache switches refreshers over.
-    pub fn reload(&self, config: &Config) {
-        let identities = Identities::new(config.identities.clone());
-        self.cache.set_policy(config.tokens);
-        self.cache.apply(&identities.iter().cloned().collect::<Vec<_>>());
-        *self.identities.write() = identities;
+    /// Applies a reloaded configuration's identities and token policy without dropping a request: one
+    /// swap of the snapshot, then the cache follows (requests in flight finish on the snapshot they took).
+    pub(crate) fn reload(&self, config: &Config) {
+        let old = self.live.swap(Snapshot::new(config));
+        self.cache.apply(Some(&old));
     }
 
     /// The token cache.
-    pub fn cache(&self) -> &TokenCache {
+    pub(crate) fn cache(&self) -> &TokenCache {
         &self.cache
     }
 
     /// Compares a presented `X-IDENTITY-HEADER` with the secret in constant time.
-    pub fn identity_header_matches(&self, presented: &[u8]) -> bool {
-        aws_lc_rs::constant_time::verify_slices_are_equal(presented, self.identity_header.expose_secret().as_bytes())
-            .is_ok()
+    pub(crate) fn identity_header_matches(&self, presented: &[u8]) -> bool {
+        constant_time_eq(presented, self.identity_header.expose_secret().as_bytes())
     }
 
     /// The configured resources and whether each has a servable token.
-    pub fn readiness(&self) -> Vec<PinnedState> {
+    pub(crate) fn readiness(&self) -> Vec<PinnedState> {
         self.cache.pinned()
     }
 }
 
-/// A fresh random secret: 32 bytes from the system RNG, base64url.
-pub fn random_secret() -> SecretString {
-    let mut bytes = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut bytes).expect("the system random number generator is available");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes).into()
-}
-
 /// Reads the App Service identity header secret, creating the file (mode 0600, parent 0700) with a
 /// random secret when it does not exist. Errors name `server.identity_header_file`.
-pub fn load_identity_header(
+pub(crate) fn load_identity_header(
     source: &IdentityHeaderSource,
     config_path: &str,
     warnings: &mut Vec<String>,
@@ -93,22 +83,19 @@ pub fn load_identity_header(
         key: "server.identity_header_file".to_owned(),
         message,
     };
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let secret = text.trim();
-            if secret.is_empty() {
-                return Err(err(format!("{} is empty; delete it to have tokend create a new secret", path.display())));
-            }
+    match read_secret_file(path) {
+        Ok(secret) => {
             // Sharing it with a group of client users (mode 0640) is intended; readable by anyone is not.
-            if let Some(w) = readable_warning(path, 0o007) {
-                warnings.push(w);
-            }
-            Ok(secret.to_owned().into())
+            warnings.extend(readable_warning(path, 0o007));
+            Ok(secret)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_identity_header(path).map_err(|e| {
+        Err(e) if e.is_not_found() => create_identity_header(path).map_err(|e| {
             err(format!("cannot create {}: {e}; point server.identity_header_file at a writable path", path.display()))
         }),
-        Err(e) => Err(err(format!("cannot read {}: {e}", path.display()))),
+        Err(e @ SecretFileError::Empty { .. }) => {
+            Err(err(format!("{e}; delete it to have tokend create a new secret")))
+        }
+        Err(e) => Err(err(e.to_string())),
     }
 }
 

@@ -1,131 +1,75 @@
-//! The subcommands: `serve`/`dev` (run the broker), `env`, `token` and `check`.
+//! Every subcommand's entry point, what `main` calls: `serve` and `dev` run the daemon ([`crate::daemon`],
+//! [`crate::dev`]); `env` and `token` are clients of a running broker that read only `[server]`
+//! (`Config::load_server`) and, for `env`, the identity header file — never a secret file; `check`
+//! makes one direct request per identity; `transparent-imds` manages the IMDS alias on `lo`.
 
-use std::fmt::Write as _;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use secrecy::{ExposeSecret, SecretString};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::broker::{Broker, load_identity_header};
-use crate::config::{Config, ConfigError, IdentityHeaderSource, ServerConfig};
-use crate::dialect::{app_service, imds};
-use crate::idp::IdpClient;
+use crate::config::{Config, DEFAULT_LISTEN, IdentityHeaderSource, ServerConfig};
+use crate::dialect::{export_lines, imds};
+use crate::error::Error;
+use crate::idp::{IdpClient, MAX_CLOCK_SKEW};
 use crate::resource::Resource;
-use crate::server::{self, HostPolicy};
-use crate::token::TokenSource;
+use crate::secret::read_secret_file;
+use crate::transparent::AliasError;
 
-/// How long in-flight requests get to finish after SIGTERM.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Resource `tokend check` asks for when an identity has none configured.
-pub const CHECK_DEFAULT_RESOURCE: &str = "https://management.azure.com/";
+const CHECK_DEFAULT_RESOURCE: &str = "https://management.azure.com/";
 
-/// A configuration plus the App Service secret, both validated: nothing can fail as a config error after this.
-#[derive(Debug)]
-pub struct Prepared {
-    /// The configuration.
-    pub config: Config,
-    /// The App Service identity header secret.
-    pub identity_header: SecretString,
+/// `tokend serve`: runs the broker configured by `config` until SIGTERM/SIGINT.
+pub async fn serve(config: &Path) -> Result<(), Error> {
+    crate::daemon::serve(config).await
 }
 
-/// Loads (or creates) the identity header and logs the configuration's warnings.
-pub fn prepare(mut config: Config) -> Result<Prepared, ConfigError> {
-    let identity_header = load_identity_header(&config.server.identity_header, &config.source, &mut config.warnings)?;
-    for w in &config.warnings {
-        tracing::warn!("{w}");
-    }
-    Ok(Prepared { config, identity_header })
+/// `tokend dev`: a built-in issuer and a broker on `listen`, for development only.
+pub async fn dev(listen: SocketAddr) -> Result<(), Error> {
+    crate::dev::run(listen).await
 }
 
-/// The `export` lines for a broker listening on `addr` (never `MSI_ENDPOINT`/`MSI_SECRET`/`IMDS_ENDPOINT`).
-pub fn export_lines(addr: SocketAddr, identity_header: &SecretString) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "export IDENTITY_ENDPOINT='http://{addr}{}'", app_service::PATH);
-    let _ = writeln!(out, "export IDENTITY_HEADER='{}'", identity_header.expose_secret());
-    let _ = writeln!(out, "export AZURE_POD_IDENTITY_AUTHORITY_HOST='http://{addr}'");
-    out
-}
-
-/// `tokend env`: the export lines for the broker of `server`. Only reads the identity header file (it
-/// is created by `tokend serve`), so any user who may read that file can run it.
-pub fn env(server: &ServerConfig) -> anyhow::Result<String> {
-    let header = match &server.identity_header {
-        IdentityHeaderSource::File(path) => {
-            std::fs::read_to_string(path).map(|s| s.trim().to_owned()).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => anyhow::anyhow!(
-                    "server.identity_header_file {} does not exist yet; `tokend serve` creates it",
-                    path.display()
-                ),
-                _ => anyhow::anyhow!("cannot read server.identity_header_file {}: {e}", path.display()),
-            })?
+/// `tokend env`: the export lines for the broker `config` describes. Only reads the identity header file
+/// (created by `tokend serve`), so any user who may read that file can run it.
+pub fn env(config: &Path) -> Result<String, Error> {
+    let server = Config::load_server(config)?;
+    let path = match &server.identity_header {
+        IdentityHeaderSource::File(path) => path,
+        IdentityHeaderSource::Generated => {
+            return Err(anyhow::anyhow!("this configuration has no identity header file").into());
         }
-        IdentityHeaderSource::Generated => anyhow::bail!("this configuration has no identity header file"),
     };
-    anyhow::ensure!(!header.is_empty(), "server.identity_header_file is empty");
-    Ok(export_lines(client_addr(server), &header.into()))
+    let header = read_secret_file(path).map_err(|e| {
+        if e.is_not_found() {
+            anyhow::anyhow!(
+                "server.identity_header_file {} does not exist yet; `tokend serve` creates it",
+                path.display()
+            )
+        } else {
+            anyhow::anyhow!("server.identity_header_file: {e}")
+        }
+    })?;
+    Ok(export_lines(client_addr(&server), &header))
 }
 
 /// The address local clients should use: the first loopback listen address, else the first one.
-pub fn client_addr(server: &ServerConfig) -> SocketAddr {
+fn client_addr(server: &ServerConfig) -> SocketAddr {
     let l = &server.listen;
     l.iter()
         .find(|a| a.ip().is_loopback())
         .or_else(|| l.first())
         .copied()
-        .unwrap_or_else(|| crate::config::DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid socket address"))
-}
-
-/// Runs the broker until `shutdown` resolves. `on_listening` gets the bound addresses once every
-/// listener is up (before the first token is fetched, so probes are answered at once).
-/// Every task runs on `tracker` and stops when `cancel` is cancelled (which `run` does on `shutdown`).
-pub async fn run(
-    prepared: Prepared,
-    reload_from: Option<std::path::PathBuf>,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
-    on_listening: impl FnOnce(&[SocketAddr]),
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let Prepared { config, identity_header } = prepared;
-    let source: Arc<dyn TokenSource> =
-        Arc::new(IdpClient::new(&config.upstream).context("cannot set up the HTTPS client")?);
-    let listeners = server::bind(&config.server.listen).await?;
-    let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
-    let broker = Broker::start(&config, identity_header, source, &tracker, &cancel);
-    tracker.spawn(crate::reload::run(reload_from, config.clone(), broker.clone(), cancel.clone()));
-    let app = server::router(broker, HostPolicy::for_listen(&bound));
-    let serving = tracker.spawn(server::serve(listeners, app, cancel.clone()));
-    let identities: Vec<&str> = config.identities.iter().map(|i| i.name.as_str()).collect();
-    tracing::info!(listen = ?bound, identities = ?identities, "tokend serving");
-    on_listening(&bound);
-    tokio::select! {
-        () = shutdown => {}
-        joined = serving => {
-            cancel.cancel();
-            return match joined {
-                Ok(Ok(())) => Err(anyhow::anyhow!("the listeners stopped unexpectedly")),
-                Ok(Err(e)) => Err(e.into()),
-                Err(e) => Err(anyhow::anyhow!("the server task failed: {e}")),
-            };
-        }
-    }
-    cancel.cancel();
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-        tracing::warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "in-flight work did not finish within the grace period");
-    }
-    tracing::info!("tokend stopped");
-    Ok(())
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid socket address"))
 }
 
 /// `tokend token`: asks the running broker (IMDS route) and returns only the access token.
-pub async fn token(server: &ServerConfig, resource: &str, client_id: Option<&str>) -> anyhow::Result<String> {
-    let addr = client_addr(server);
+pub async fn token(config: &Path, resource: &str, client_id: Option<&str>) -> Result<String, Error> {
+    let addr = client_addr(&Config::load_server(config)?);
+    Ok(ask(addr, resource, client_id).await?)
+}
+
+async fn ask(addr: SocketAddr, resource: &str, client_id: Option<&str>) -> anyhow::Result<String> {
     let mut url = reqwest::Url::parse(&format!("http://{addr}{}", imds::PATH))?;
     url.query_pairs_mut().append_pair("api-version", "2018-02-01").append_pair("resource", resource);
     if let Some(id) = client_id {
@@ -151,23 +95,22 @@ pub async fn token(server: &ServerConfig, resource: &str, client_id: Option<&str
         .ok_or_else(|| anyhow::anyhow!("tokend's answer has no access_token"))
 }
 
-/// One line of `tokend check`.
-#[derive(Debug)]
-pub struct CheckLine {
-    /// Whether a token was obtained.
-    pub ok: bool,
-    /// The line to print.
-    pub text: String,
-}
-
-/// `tokend check`: one upstream request per identity, straight to the IdP.
-pub async fn check(config: &Config, resource: Option<&str>) -> anyhow::Result<Vec<CheckLine>> {
+/// `tokend check`: validates `config` and makes one upstream request per identity, straight to the IdP,
+/// printing one line each (and the configuration's warnings). `Ok(false)` when any identity failed.
+pub async fn check(config: &Path, resource: Option<&str>) -> Result<bool, Error> {
+    let config = Config::load(config)?;
+    for w in &config.warnings {
+        println!("warn  {w}");
+    }
     let idp = IdpClient::new(&config.upstream).context("cannot set up the HTTPS client")?;
-    let mut lines = Vec::new();
+    let mut all_ok = true;
     for identity in &config.identities {
         let resource = match resource {
             Some(r) => Resource::parse(r).with_context(|| format!("--resource {r:?}"))?,
-            None => identity.resources.first().cloned().unwrap_or(Resource::parse(CHECK_DEFAULT_RESOURCE)?),
+            None => match identity.resources.first() {
+                Some(r) => r.clone(),
+                None => Resource::parse(CHECK_DEFAULT_RESOURCE).context("the default resource")?,
+            },
         };
         let what = format!(
             "identity {:?} (client id {}, {} from {}, {})",
@@ -177,24 +120,38 @@ pub async fn check(config: &Config, resource: Option<&str>) -> anyhow::Result<Ve
             identity.credential.origin(),
             identity.token_url
         );
-        let line = match idp.fetch(identity, &resource).await {
-            Ok(t) => CheckLine {
-                ok: true,
-                text: format!("ok    {what}: token for {resource} valid for {}s", t.expires_in.as_secs()),
-            },
-            Err(e) => CheckLine { ok: false, text: format!("FAIL  {what}: {resource}: {e}") },
-        };
-        lines.push(line);
-        if let Some(skew) = idp.last_clock_skew().filter(|s| s.unsigned_abs() > crate::idp::MAX_CLOCK_SKEW.as_secs()) {
-            lines.push(CheckLine {
-                ok: true,
-                text: format!(
-                    "warn  identity {:?}: the identity provider's clock differs from this host's by {skew}s; \
-                     client assertions may be rejected (AADSTS700024): fix time synchronisation",
-                    identity.name
-                ),
-            });
+        match idp.fetch(identity, &resource).await {
+            Ok(t) => println!("ok    {what}: token for {resource} valid for {}s", t.expires_in.as_secs()),
+            Err(e) => {
+                all_ok = false;
+                println!("FAIL  {what}: {resource}: {e}");
+            }
+        }
+        if let Some(skew) = idp.last_clock_skew().filter(|s| s.unsigned_abs() > MAX_CLOCK_SKEW.as_secs()) {
+            println!(
+                "warn  identity {:?}: the identity provider's clock differs from this host's by {skew}s; \
+                 client assertions may be rejected (AADSTS700024): fix time synchronisation",
+                identity.name
+            );
         }
     }
-    Ok(lines)
+    Ok(all_ok)
+}
+
+/// `tokend transparent-imds setup`: refuses (exit 64) when an IMDS already answers, then aliases
+/// 169.254.169.254 on `lo`.
+pub async fn transparent_imds_setup() -> Result<(), Error> {
+    crate::transparent::setup().await.map_err(alias_error)
+}
+
+/// `tokend transparent-imds teardown`: removes the alias (absent is fine).
+pub fn transparent_imds_teardown() -> Result<(), Error> {
+    crate::transparent::teardown().map_err(alias_error)
+}
+
+fn alias_error(e: AliasError) -> Error {
+    match e {
+        AliasError::ImdsPresent(present) => Error::Usage(present.to_string()),
+        other => Error::Runtime(other.into()),
+    }
 }

@@ -4,7 +4,8 @@
 //! client credentials like a real IdP (constant-time secret comparison, `grant_type`, `scope=<resource>/.default`
 //! or `resource=`) and issues RS256 JWTs with `aud`, `exp`, `iat`, `nbf`, `iss`, `tid`, `appid`, `sub`, `jti`.
 //! The broker then talks to it through the normal upstream path ([`crate::idp`]), so `tokend dev`
-//! exercises everything but Entra itself. Its tokens are worthless anywhere else.
+//! exercises everything but Entra itself. Its tokens are worthless anywhere else. [`run`] is the
+//! whole `tokend dev` flow: issuer, broker, banner and the `export` lines.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,23 +23,60 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::random_secret;
+use crate::clock::unix_secs;
 use crate::config::{Config, IdentityHeaderSource, ServerConfig, TokensConfig, UpstreamConfig};
 use crate::credential::ClientCredential;
+use crate::daemon::{self, signal};
+use crate::dialect::{export_lines, imds};
+use crate::error::Error;
 use crate::identity::{Identity, TokenApi};
 use crate::resource::Resource;
-use crate::token::unix_secs;
+use crate::secret::{fingerprint, pem_encode, random_secret};
+
+const BANNER: &str = "\
+################################################################################
+#  tokend dev: DEVELOPMENT ONLY. Tokens come from a built-in fake issuer with  #
+#  a throw-away key; no real service accepts them. Never use this in production.#
+################################################################################";
+
+/// `tokend dev`: the issuer, then a broker against it on `listen` (loopback only) until SIGTERM/SIGINT.
+/// The `export` lines go to stdout once the broker listens.
+pub(crate) async fn run(listen: SocketAddr) -> Result<(), Error> {
+    if !listen.ip().is_loopback() {
+        return Err(Error::Usage(format!(
+            "--listen {listen} is not a loopback address; tokend dev only listens on loopback"
+        )));
+    }
+    let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+    let issuer = start_issuer(&tracker, &cancel).await?;
+    let config = dev_config(&issuer, listen)?;
+    let prepared = daemon::prepare(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let header = prepared.identity_header.clone();
+    eprintln!("{BANNER}");
+    let on_listening = move |bound: &[SocketAddr]| {
+        let addr = bound.first().copied().unwrap_or(listen);
+        println!("# Point Azure SDKs at this broker:");
+        print!("{}", export_lines(addr, &header));
+        println!("# Then, for example:");
+        println!(
+            "# curl -s -H Metadata:true 'http://{addr}{}?api-version=2018-02-01&resource={DEV_RESOURCE}'",
+            imds::PATH
+        );
+    };
+    daemon::run(prepared, None, tracker, cancel, on_listening, signal::shutdown()).await?;
+    Ok(())
+}
 
 /// Tenant id the dev issuer answers for.
-pub const DEV_TENANT: &str = "dev-tenant";
+pub(crate) const DEV_TENANT: &str = "dev-tenant";
 /// Lifetime of dev tokens.
-pub const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+pub(crate) const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Resource fetched at start, so that `tokend dev` is warm at once.
-pub const DEV_RESOURCE: &str = "https://management.azure.com/";
+pub(crate) const DEV_RESOURCE: &str = "https://management.azure.com/";
 
 /// A running dev issuer.
 #[derive(Debug)]
-pub struct DevIssuer {
+pub(crate) struct DevIssuer {
     /// Its token endpoint.
     pub token_url: reqwest::Url,
     /// The one registered client.
@@ -56,12 +94,12 @@ struct IssuerState {
 }
 
 /// Generates the key and secret, binds `127.0.0.1:0` and serves until `cancel`.
-pub async fn start_issuer(tracker: &TaskTracker, cancel: &CancellationToken) -> anyhow::Result<DevIssuer> {
+async fn start_issuer(tracker: &TaskTracker, cancel: &CancellationToken) -> anyhow::Result<DevIssuer> {
     let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
         .map_err(|_| anyhow::anyhow!("cannot generate an RSA key"))?;
     let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&key)
         .map_err(|_| anyhow::anyhow!("cannot encode the RSA key"))?;
-    let pem = crate::credential::pem_encode("PRIVATE KEY", der.as_ref());
+    let pem = pem_encode("PRIVATE KEY", der.as_ref());
     let encoding_key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes())?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = listener.local_addr()?;
@@ -71,7 +109,7 @@ pub async fn start_issuer(tracker: &TaskTracker, cancel: &CancellationToken) -> 
         client_id: client_id.clone(),
         client_secret: client_secret.clone(),
         key: encoding_key,
-        kid: crate::token::fingerprint(&client_id).trim_start_matches("sha256:").to_owned(),
+        kid: fingerprint(client_id.as_bytes()).trim_start_matches("sha256:").to_owned(),
         issuer: format!("http://{addr}/{DEV_TENANT}/v2.0"),
     });
     // Sign once now, so a broken key fails start-up rather than the first request.
@@ -88,7 +126,7 @@ pub async fn start_issuer(tracker: &TaskTracker, cancel: &CancellationToken) -> 
 }
 
 /// The broker configuration `tokend dev` runs with: one identity against the dev issuer.
-pub fn dev_config(issuer: &DevIssuer, listen: SocketAddr) -> anyhow::Result<Config> {
+fn dev_config(issuer: &DevIssuer, listen: SocketAddr) -> anyhow::Result<Config> {
     let identity = Identity {
         name: "dev".to_owned(),
         client_id: issuer.client_id.clone(),

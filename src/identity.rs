@@ -7,7 +7,7 @@ use crate::resource::Resource;
 
 /// How the token request names the resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenApi {
+pub(crate) enum TokenApi {
     /// Entra v2 and most OAuth2 servers: `scope=<resource>/.default`.
     V2,
     /// Entra v1 (and ADFS): `resource=<resource>`.
@@ -16,7 +16,7 @@ pub enum TokenApi {
 
 /// One service principal tokend authenticates as.
 #[derive(Debug, Clone)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// Name used in logs, errors and `tokend check`.
     pub name: String,
     /// Application (client) id; also what `client_id=` selects and what responses report.
@@ -37,7 +37,7 @@ pub struct Identity {
 
 impl Identity {
     /// Whether `other` would make the same token requests (client id, URL, request style, credential).
-    pub fn same_upstream(&self, other: &Identity) -> bool {
+    pub(crate) fn same_upstream(&self, other: &Identity) -> bool {
         self.client_id == other.client_id
             && self.token_url == other.token_url
             && self.api == other.api
@@ -48,7 +48,8 @@ impl Identity {
 /// A caller's choice of identity (query parameters `client_id`, `object_id`/`principal_id`,
 /// `msi_res_id`/`mi_res_id`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selector {
+#[expect(clippy::enum_variant_names, reason = "named after the query parameters client_id, object_id, msi_res_id")]
+pub(crate) enum Selector {
     /// `client_id=`
     ClientId(String),
     /// `object_id=` or `principal_id=`
@@ -59,7 +60,7 @@ pub enum Selector {
 
 impl Selector {
     /// The query parameter family, for error messages.
-    pub fn parameter(&self) -> &'static str {
+    pub(crate) fn parameter(&self) -> &'static str {
         match self {
             Self::ClientId(_) => "client_id",
             Self::ObjectId(_) => "object_id",
@@ -87,7 +88,7 @@ impl Selector {
 /// No configured identity answers to a selector (→ 400, never 404).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("no configured identity has {parameter} {value:?}")]
-pub struct UnknownIdentity {
+pub(crate) struct UnknownIdentity {
     /// The query parameter.
     pub parameter: &'static str,
     /// The value the caller sent (an identifier, not a secret).
@@ -96,21 +97,26 @@ pub struct UnknownIdentity {
 
 /// The configured identities; the first is the default.
 #[derive(Clone)]
-pub struct Identities(Vec<std::sync::Arc<Identity>>);
+pub(crate) struct Identities(Vec<std::sync::Arc<Identity>>);
 
 impl Identities {
     /// Wraps a non-empty list (config validation guarantees it is non-empty).
-    pub fn new(list: Vec<Identity>) -> Self {
+    pub(crate) fn new(list: Vec<Identity>) -> Self {
         Self(list.into_iter().map(std::sync::Arc::new).collect())
     }
 
     /// Every identity, default first.
-    pub fn iter(&self) -> impl Iterator<Item = &std::sync::Arc<Identity>> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &std::sync::Arc<Identity>> {
         self.0.iter()
     }
 
+    /// The identity called `name`.
+    pub(crate) fn by_name(&self, name: &str) -> Option<&std::sync::Arc<Identity>> {
+        self.0.iter().find(|i| i.name == name)
+    }
+
     /// Picks the identity a caller selected, or the default one.
-    pub fn select(&self, selector: Option<&Selector>) -> Result<&std::sync::Arc<Identity>, UnknownIdentity> {
+    pub(crate) fn select(&self, selector: Option<&Selector>) -> Result<&std::sync::Arc<Identity>, UnknownIdentity> {
         let not_found = |s: &Selector| UnknownIdentity { parameter: s.parameter(), value: s.value().to_owned() };
         match selector {
             None => self.0.first().ok_or(UnknownIdentity { parameter: "identity", value: String::new() }),
@@ -160,6 +166,8 @@ mod tests {
             "/SUBSCRIPTIONS/x/resourcegroups/y/providers/Microsoft.ManagedIdentity/userAssignedIdentities/b".into(),
         );
         assert_eq!(ids.select(Some(&by_res)).map(|i| i.name.as_str()), Ok("b"));
+        assert_eq!(ids.by_name("b").map(|i| i.client_id.as_str()), Some("22222222-2222-2222-2222-222222222222"));
+        assert!(ids.by_name("c").is_none());
         let err = ids.select(Some(&Selector::ClientId("nope".into()))).map(|i| i.name.clone());
         assert_eq!(err, Err(UnknownIdentity { parameter: "client_id", value: "nope".into() }));
     }

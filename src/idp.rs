@@ -5,149 +5,24 @@
 //! bounded by `upstream.timeout`. Failures are classified by the OAuth `error` code, never by the text
 //! of `error_description`.
 
-use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::config::{UpstreamConfig, host_is_loopback};
+use crate::config::UpstreamConfig;
 use crate::identity::{Identity, TokenApi};
+use crate::net::host_is_loopback;
 use crate::resource::Resource;
+use crate::token::{BoxFuture, FetchError, IssuedToken, TokenSource};
 
 /// Largest token response we read; real ones are a few KiB.
 const MAX_BODY: usize = 256 * 1024;
 
-/// What the refresher does about a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureClass {
-    /// The credential (or client/tenant) is wrong: no retry loop; remembered for a while.
-    Credential,
-    /// The resource is unknown or not allowed: the caller's error (400).
-    Resource,
-    /// Anything else the IdP refused: retried slowly.
-    Rejected,
-    /// 429, 5xx, transport, malformed answers: retried with exponential backoff.
-    Transient,
-}
-
-/// A failed token request. Never carries a secret, a token or a response body.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IdpError {
-    /// `invalid_client` / `unauthorized_client`.
-    #[error("the identity provider rejected the credential ({error}, HTTP {status})")]
-    CredentialRejected {
-        /// HTTP status.
-        status: u16,
-        /// OAuth error code.
-        error: String,
-    },
-    /// `invalid_scope` / `invalid_target` / `invalid_resource`.
-    #[error("the identity provider rejected the resource ({error}, HTTP {status})")]
-    BadResource {
-        /// HTTP status.
-        status: u16,
-        /// OAuth error code.
-        error: String,
-    },
-    /// Another 4xx.
-    #[error("the identity provider refused the request ({error}, HTTP {status})")]
-    Rejected {
-        /// HTTP status.
-        status: u16,
-        /// OAuth error code, or `-` when the body had none.
-        error: String,
-    },
-    /// 429.
-    #[error("the identity provider is throttling requests (HTTP 429)")]
-    Throttled {
-        /// `Retry-After`, when sent.
-        retry_after: Option<Duration>,
-    },
-    /// 5xx.
-    #[error("the identity provider failed (HTTP {status})")]
-    Unavailable {
-        /// HTTP status.
-        status: u16,
-        /// `Retry-After`, when sent.
-        retry_after: Option<Duration>,
-    },
-    /// Connect failure, reset, TLS failure or timeout.
-    #[error("cannot reach the identity provider at {host}: {detail}")]
-    Transport {
-        /// `host:port` of the token URL.
-        host: String,
-        /// The error chain.
-        detail: String,
-    },
-    /// The credential could not be used for a request (e.g. the federated token file is unreadable).
-    #[error("the credential cannot be used: {detail}")]
-    Credential {
-        /// What failed.
-        detail: String,
-    },
-    /// A 2xx answer that is not a token response (e.g. an HTML proxy page).
-    #[error("the identity provider's answer is not a token response: {detail}")]
-    Malformed {
-        /// What was wrong (never the body itself).
-        detail: String,
-    },
-}
-
-impl IdpError {
-    /// How the refresher should treat this failure.
-    pub fn class(&self) -> FailureClass {
-        match self {
-            Self::CredentialRejected { .. } => FailureClass::Credential,
-            Self::BadResource { .. } => FailureClass::Resource,
-            Self::Rejected { .. } => FailureClass::Rejected,
-            // A federated token file being rotated may be missing for a moment: retry soon.
-            Self::Throttled { .. }
-            | Self::Unavailable { .. }
-            | Self::Transport { .. }
-            | Self::Malformed { .. }
-            | Self::Credential { .. } => FailureClass::Transient,
-        }
-    }
-
-    /// The IdP's `Retry-After`, if it sent one.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Self::Throttled { retry_after } | Self::Unavailable { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-}
-
-/// A token as the IdP issued it.
-pub struct IssuedToken {
-    /// The bearer token.
-    pub access_token: SecretString,
-    /// Lifetime from the moment the request was sent.
-    pub expires_in: Duration,
-    /// `ext_expires_in` when sent.
-    pub ext_expires_in: Option<Duration>,
-    /// `refresh_in` when sent (Entra's hint for proactive refresh).
-    pub refresh_in: Option<Duration>,
-    /// Wall-clock time the request was sent (the conservative issuance time).
-    pub requested_at: SystemTime,
-}
-
-impl fmt::Debug for IssuedToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IssuedToken")
-            .field("access_token", &"[redacted]")
-            .field("expires_in", &self.expires_in)
-            .field("ext_expires_in", &self.ext_expires_in)
-            .field("refresh_in", &self.refresh_in)
-            .finish()
-    }
-}
-
 /// The HTTP client for token endpoints.
 #[derive(Debug, Clone)]
-pub struct IdpClient {
+pub(crate) struct IdpClient {
     /// Honours `HTTPS_PROXY`/`NO_PROXY`; used for remote token URLs.
     proxied: reqwest::Client,
     /// Never proxied; used for loopback token URLs (a proxy cannot reach our loopback).
@@ -157,11 +32,11 @@ pub struct IdpClient {
 }
 
 /// Clock skew beyond this is warned about: client assertions are rejected when clocks disagree (AADSTS700024).
-pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
+pub(crate) const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 impl IdpClient {
     /// Builds the clients: system roots plus `upstream.ca_file`, bounded timeouts.
-    pub fn new(upstream: &UpstreamConfig) -> Result<Self, reqwest::Error> {
+    pub(crate) fn new(upstream: &UpstreamConfig) -> Result<Self, reqwest::Error> {
         let build = |proxy: bool| {
             let mut b = reqwest::Client::builder()
                 .timeout(upstream.timeout)
@@ -180,12 +55,12 @@ impl IdpClient {
     }
 
     /// The IdP's clock minus ours, in seconds, as of the last answer (any status).
-    pub fn last_clock_skew(&self) -> Option<i64> {
+    pub(crate) fn last_clock_skew(&self) -> Option<i64> {
         *self.last_skew.lock()
     }
 
     /// One client-credentials request for `resource` as `identity`.
-    pub async fn fetch(&self, identity: &Identity, resource: &Resource) -> Result<IssuedToken, IdpError> {
+    pub(crate) async fn fetch(&self, identity: &Identity, resource: &Resource) -> Result<IssuedToken, FetchError> {
         let url = &identity.token_url;
         let mut form: Vec<(&str, String)> =
             vec![("grant_type", "client_credentials".to_owned()), ("client_id", identity.client_id.clone())];
@@ -196,11 +71,11 @@ impl IdpClient {
         let auth = identity
             .credential
             .form_params(&identity.client_id, url.as_str())
-            .map_err(|detail| IdpError::Credential { detail })?;
+            .map_err(|e| FetchError::CredentialUnusable { detail: e.to_string() })?;
         form.extend(auth);
         let client = if host_is_loopback(url) { &self.direct } else { &self.proxied };
         let requested_at = SystemTime::now();
-        let transport = |e: reqwest::Error| IdpError::Transport { host: host_of(url), detail: error_chain(&e) };
+        let transport = |e: reqwest::Error| FetchError::Transport { host: host_of(url), detail: error_chain(&e) };
         let mut resp = client
             .post(url.clone())
             .header("accept", "application/json")
@@ -231,7 +106,9 @@ impl IdpClient {
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > MAX_BODY {
-                return Err(IdpError::Malformed { detail: format!("HTTP {status} body larger than {MAX_BODY} bytes") });
+                return Err(FetchError::Malformed {
+                    detail: format!("HTTP {status} body larger than {MAX_BODY} bytes"),
+                });
             }
             body.extend_from_slice(&chunk);
         }
@@ -249,6 +126,16 @@ impl IdpClient {
             refresh_in: p.refresh_in,
             requested_at,
         })
+    }
+}
+
+impl TokenSource for IdpClient {
+    fn fetch<'a>(
+        &'a self,
+        identity: &'a Identity,
+        resource: &'a Resource,
+    ) -> BoxFuture<'a, Result<IssuedToken, FetchError>> {
+        Box::pin(IdpClient::fetch(self, identity, resource))
     }
 }
 
@@ -342,12 +229,12 @@ pub(crate) fn parse_response(
     retry_after: Option<Duration>,
     content_type: &str,
     body: &[u8],
-) -> Result<Parsed, IdpError> {
+) -> Result<Parsed, FetchError> {
     if status == 429 {
-        return Err(IdpError::Throttled { retry_after });
+        return Err(FetchError::Throttled { retry_after });
     }
     if status >= 500 {
-        return Err(IdpError::Unavailable { status, retry_after });
+        return Err(FetchError::ServerError { status, retry_after });
     }
     if !(200..300).contains(&status) {
         let code =
@@ -360,13 +247,13 @@ pub(crate) fn parse_response(
             "-".to_owned()
         };
         return Err(match code.as_str() {
-            "invalid_client" | "unauthorized_client" => IdpError::CredentialRejected { status, error: code },
-            "invalid_scope" | "invalid_target" | "invalid_resource" => IdpError::BadResource { status, error: code },
-            _ if status == 401 => IdpError::CredentialRejected { status, error: code },
-            _ => IdpError::Rejected { status, error: code },
+            "invalid_client" | "unauthorized_client" => FetchError::CredentialRejected { status, error: code },
+            "invalid_scope" | "invalid_target" | "invalid_resource" => FetchError::BadResource { status, error: code },
+            _ if status == 401 => FetchError::CredentialRejected { status, error: code },
+            _ => FetchError::Rejected { status, error: code },
         });
     }
-    let malformed = |detail: String| IdpError::Malformed { detail };
+    let malformed = |detail: String| FetchError::Malformed { detail };
     let wire: SuccessWire = serde_json::from_slice(body).map_err(|_| {
         let ct = if content_type.is_empty() { "no content type" } else { content_type };
         malformed(format!("HTTP {status} with a body of {} bytes ({ct}) that is not a JSON token response", body.len()))
@@ -395,9 +282,10 @@ pub(crate) fn parse_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::FailureClass;
     use secrecy::ExposeSecret;
 
-    fn err(status: u16, body: &str) -> IdpError {
+    fn err(status: u16, body: &str) -> FetchError {
         match parse_response(status, None, "application/json", body.as_bytes()) {
             Ok(_) => panic!("expected an error for {status} {body}"),
             Err(e) => e,
@@ -462,8 +350,8 @@ mod tests {
         assert!(!e.to_string().contains("sensitive"), "{e}");
         let e = err(200, r#"{"access_token":"secret-token-value","token_type":"pop","expires_in":1}"#);
         assert!(!e.to_string().contains("secret-token-value"), "{e}");
-        assert!(matches!(err(200, r#"{"token_type":"Bearer","expires_in":1}"#), IdpError::Malformed { .. }));
-        assert!(matches!(err(200, r#"{"access_token":"x"}"#), IdpError::Malformed { .. }));
+        assert!(matches!(err(200, r#"{"token_type":"Bearer","expires_in":1}"#), FetchError::Malformed { .. }));
+        assert!(matches!(err(200, r#"{"access_token":"x"}"#), FetchError::Malformed { .. }));
     }
 }
 

@@ -1,19 +1,14 @@
-//! The `tokend` command line: parse, set up logging, load the configuration, dispatch. Exit codes:
-//! 0 success, 1 runtime failure, 64 (EX_USAGE) configuration error — always before any port is bound.
+//! The `tokend` command line: parse, set up logging, start the runtime, dispatch to
+//! [`tokend::commands`]. Exit codes come from [`tokend::Error::exit_code`]: 0 success, 1 runtime
+//! failure (or a failed `check`), 64 (EX_USAGE) configuration error — always before any port is bound.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokend::commands;
 use tracing_subscriber::EnvFilter;
-
-use tokend::commands::{self, Prepared};
-use tokend::config::{Config, ConfigError};
-
-const EX_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
 #[command(name = "tokend", version, about = "A local token broker that serves managed-identity tokens on loopback")]
@@ -82,7 +77,7 @@ enum Command {
     /// Development only: run a built-in local issuer and a broker against it. No config, no credentials.
     Dev {
         /// Broker listen address.
-        #[arg(long, default_value = tokend::config::DEFAULT_LISTEN)]
+        #[arg(long, default_value = tokend::DEFAULT_LISTEN)]
         listen: SocketAddr,
     },
 }
@@ -98,10 +93,11 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
-        Ok(code) => code,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("tokend: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("tokend: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -122,106 +118,18 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn config_error(e: &ConfigError) -> ExitCode {
-    eprintln!("tokend: configuration error: {e}");
-    ExitCode::from(EX_USAGE)
-}
-
-fn load(path: &std::path::Path) -> Result<Prepared, ExitCode> {
-    let config = Config::load(path).map_err(|e| config_error(&e))?;
-    commands::prepare(config).map_err(|e| config_error(&e))
-}
-
-async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+/// Runs one subcommand; `Ok(false)` is a failure that was already reported (a failed `check`).
+async fn dispatch(command: Command) -> Result<bool, tokend::Error> {
     match command {
-        Command::Serve { config } => {
-            let prepared = match load(&config) {
-                Ok(p) => p,
-                Err(code) => return Ok(code),
-            };
-            // Transparent IMDS: never shadow a metadata service that already answers there.
-            for addr in prepared.config.server.listen.iter().filter(|a| tokend::transparent::is_imds_ip(a.ip())) {
-                if let Err(e) = tokend::transparent::probe(*addr).await {
-                    eprintln!("tokend: {e}");
-                    return Ok(ExitCode::from(EX_USAGE));
-                }
-            }
-            let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
-            commands::run(prepared, Some(config), tracker, cancel, |_| {}, tokend::signal::shutdown()).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::TransparentImds { action: AliasAction::Setup } => match tokend::transparent::setup().await {
-            Ok(()) => Ok(ExitCode::SUCCESS),
-            Err(e) if e.is::<tokend::transparent::ImdsPresent>() => {
-                eprintln!("tokend: {e}");
-                Ok(ExitCode::from(EX_USAGE))
-            }
-            Err(e) => Err(e),
-        },
-        Command::TransparentImds { action: AliasAction::Teardown } => {
-            tokend::transparent::teardown()?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Env { config } => {
-            let server = match Config::load_server(&config) {
-                Ok(s) => s,
-                Err(e) => return Ok(config_error(&e)),
-            };
-            print!("{}", commands::env(&server)?);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Serve { config } => commands::serve(&config).await?,
+        Command::Dev { listen } => commands::dev(listen).await?,
+        Command::Env { config } => print!("{}", commands::env(&config)?),
         Command::Token { config, resource, client_id } => {
-            let server = match Config::load_server(&config) {
-                Ok(s) => s,
-                Err(e) => return Ok(config_error(&e)),
-            };
-            println!("{}", commands::token(&server, &resource, client_id.as_deref()).await?);
-            Ok(ExitCode::SUCCESS)
+            println!("{}", commands::token(&config, &resource, client_id.as_deref()).await?);
         }
-        Command::Check { config, resource } => {
-            let config = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => return Ok(config_error(&e)),
-            };
-            for w in &config.warnings {
-                println!("warn  {w}");
-            }
-            let lines = commands::check(&config, resource.as_deref()).await?;
-            for l in &lines {
-                println!("{}", l.text);
-            }
-            Ok(if lines.iter().all(|l| l.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-        }
-        Command::Dev { listen } => dev(listen).await,
+        Command::Check { config, resource } => return commands::check(&config, resource.as_deref()).await,
+        Command::TransparentImds { action: AliasAction::Setup } => commands::transparent_imds_setup().await?,
+        Command::TransparentImds { action: AliasAction::Teardown } => commands::transparent_imds_teardown()?,
     }
-}
-
-async fn dev(listen: SocketAddr) -> anyhow::Result<ExitCode> {
-    if !listen.ip().is_loopback() {
-        eprintln!("tokend: --listen {listen} is not a loopback address; tokend dev only listens on loopback");
-        return Ok(ExitCode::from(EX_USAGE));
-    }
-    let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
-    let issuer = tokend::dev::start_issuer(&tracker, &cancel).await?;
-    let config = tokend::dev::dev_config(&issuer, listen)?;
-    let prepared = commands::prepare(config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let header = prepared.identity_header.clone();
-    let banner = "\
-################################################################################
-#  tokend dev: DEVELOPMENT ONLY. Tokens come from a built-in fake issuer with  #
-#  a throw-away key; no real service accepts them. Never use this in production.#
-################################################################################";
-    eprintln!("{banner}");
-    let on_listening = move |bound: &[SocketAddr]| {
-        let addr = bound.first().copied().unwrap_or(listen);
-        println!("# Point Azure SDKs at this broker:");
-        print!("{}", commands::export_lines(addr, &header));
-        println!("# Then, for example:");
-        println!(
-            "# curl -s -H Metadata:true 'http://{addr}/metadata/identity/oauth2/token?api-version=2018-02-01&resource={}'",
-            tokend::dev::DEV_RESOURCE
-        );
-    };
-    commands::run(prepared, None, tracker, cancel, on_listening, tokend::signal::shutdown()).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(true)
 }

@@ -12,11 +12,11 @@ const MAX_LEN: usize = 2048;
 
 /// A normalised resource identifier (an App ID URI, a URL or a GUID).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Resource(String);
+pub(crate) struct Resource(String);
 
 /// Why a resource was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ResourceError {
+pub(crate) enum ResourceError {
     /// Empty after normalisation.
     #[error("resource is empty")]
     Empty,
@@ -30,7 +30,7 @@ pub enum ResourceError {
 
 impl Resource {
     /// Normalises a decoded resource: strips one trailing `/.default`, keeps everything else as spelt.
-    pub fn parse(raw: &str) -> Result<Self, ResourceError> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, ResourceError> {
         let trimmed = raw.strip_suffix("/.default").unwrap_or(raw);
         if trimmed.is_empty() {
             return Err(ResourceError::Empty);
@@ -45,12 +45,12 @@ impl Resource {
     }
 
     /// The normalised spelling (no `/.default`).
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
     /// The Entra v2 scope for this resource: `<resource>/.default`.
-    pub fn scope(&self) -> String {
+    pub(crate) fn scope(&self) -> String {
         format!("{}/.default", self.0)
     }
 }

@@ -22,23 +22,23 @@ use crate::broker::Broker;
 use crate::dialect::{Dialect, RequestError, app_service, imds};
 
 /// Longest any request may take; callers are answered within `tokens.max_wait` well before this.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
 
 /// Which `Host` values are accepted besides loopback names and addresses.
 #[derive(Debug, Clone, Default)]
-pub struct HostPolicy {
+pub(crate) struct HostPolicy {
     /// tokend's own listen addresses (e.g. a non-loopback one the operator opted into).
     pub extra: Vec<IpAddr>,
 }
 
 impl HostPolicy {
     /// Accepts the listen addresses' IPs.
-    pub fn for_listen(listen: &[SocketAddr]) -> Self {
+    pub(crate) fn for_listen(listen: &[SocketAddr]) -> Self {
         Self { extra: listen.iter().map(SocketAddr::ip).filter(|ip| !ip.is_unspecified()).collect() }
     }
 
     /// Whether a `Host` header value is acceptable.
-    pub fn allows(&self, host: &str) -> bool {
+    pub(crate) fn allows(&self, host: &str) -> bool {
         let name = strip_port(host);
         if name.eq_ignore_ascii_case("localhost") || name.eq_ignore_ascii_case("localhost.") {
             return true;
@@ -60,7 +60,7 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// The application: routes plus guards. Tests drive it with `oneshot`.
-pub fn router(broker: Arc<Broker>, hosts: HostPolicy) -> Router {
+pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> Router {
     Router::new()
         .route(imds::PATH, get(imds::token))
         // msal-node (and so @azure/identity) canonicalises AZURE_POD_IDENTITY_AUTHORITY_HOST + path with a
@@ -95,9 +95,9 @@ async fn host_guard(State(hosts): State<Arc<HostPolicy>>, req: Request, next: Ne
 }
 
 /// Longest request target answered (real ones are a few hundred bytes).
-pub const MAX_URI_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_URI_BYTES: usize = 8 * 1024;
 /// Largest total of header names and values answered.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Oversized request targets and headers get a 414/431 in the dialect's shape (hyper closes the
 /// connection with a bare 431 only beyond `Limits::max_head_bytes`).
@@ -157,12 +157,12 @@ async fn method_not_allowed(req: Request) -> Response {
 }
 
 /// Binds every address before anything is served, so a bad address fails start-up as a whole.
-pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+pub(crate) async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(addrs.len());
     for addr in addrs {
         let l = TcpListener::bind(addr).await.map_err(|e| {
             let hint = match e.kind() {
-                std::io::ErrorKind::AddrNotAvailable if crate::transparent::is_imds_ip(addr.ip()) => {
+                std::io::ErrorKind::AddrNotAvailable if crate::net::is_imds_ip(addr.ip()) => {
                     "; the address is not on this host: run `tokend transparent-imds setup` (or \
                      `ip addr add 169.254.169.254/32 dev lo`) first"
                 }
@@ -180,7 +180,7 @@ pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
 
 /// Limits against hostile or broken clients.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// A client must send its whole request head within this (slowloris).
     pub header_read_timeout: Duration,
     /// Open connections per listener; beyond it new connections are closed at once.
@@ -204,12 +204,16 @@ impl Default for Limits {
 
 /// Serves `app` on every listener until `shutdown` is cancelled, then lets in-flight requests finish
 /// for at most `limits.drain`.
-pub async fn serve(listeners: Vec<TcpListener>, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub(crate) async fn serve(
+    listeners: Vec<TcpListener>,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     serve_with(listeners, app, shutdown, Limits::default()).await
 }
 
 /// [`serve`] with explicit limits.
-pub async fn serve_with(
+pub(crate) async fn serve_with(
     listeners: Vec<TcpListener>,
     app: Router,
     shutdown: CancellationToken,
@@ -287,9 +291,7 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
-    use crate::idp::{IdpError, IssuedToken};
-    use crate::token::TokenSource;
-    use crate::token::cache::BoxFuture;
+    use crate::token::{BoxFuture, FetchError, IssuedToken, TokenSource};
 
     /// Issues `fixed-token` for an hour.
     struct Fixed;
@@ -299,7 +301,7 @@ mod tests {
             &'a self,
             _: &'a crate::identity::Identity,
             _: &'a crate::resource::Resource,
-        ) -> BoxFuture<'a, Result<IssuedToken, IdpError>> {
+        ) -> BoxFuture<'a, Result<IssuedToken, FetchError>> {
             Box::pin(async {
                 Ok(IssuedToken {
                     access_token: "fixed-token".to_owned().into(),

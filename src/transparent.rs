@@ -10,22 +10,34 @@
 //! This module also runs `ip` for `tokend transparent-imds setup|teardown` (systemd `ExecStartPre=+` /
 //! `ExecStopPost=+`), so the daemon itself needs only `CAP_NET_BIND_SERVICE`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The IMDS address.
-pub const IMDS_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
-/// Where clients call IMDS.
-pub const IMDS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(IMDS_IP), 80);
+use crate::net::IMDS_ADDR;
+
 /// How long the probe waits for a connection and for an answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// Whether `ip` is the IMDS address.
-pub fn is_imds_ip(ip: IpAddr) -> bool {
-    ip == IpAddr::V4(IMDS_IP)
+/// Why `tokend transparent-imds` failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AliasError {
+    /// A real metadata service answers: refusing to shadow it (a usage error, exit 64).
+    #[error(transparent)]
+    ImdsPresent(#[from] ImdsPresent),
+    /// `ip` could not be run.
+    #[error("cannot run `ip` (iproute2): {0}")]
+    Spawn(#[source] std::io::Error),
+    /// `ip` failed.
+    #[error("ip {args}: {stderr}")]
+    Ip {
+        /// Its arguments.
+        args: String,
+        /// What it said.
+        stderr: String,
+    },
 }
 
 /// What answered at an IMDS address.
@@ -35,16 +47,16 @@ pub fn is_imds_ip(ip: IpAddr) -> bool {
      service, which transparent mode would shadow for the whole host. Remove {addr} from server.listen and point \
      clients at the loopback listener (tokend env), or stop the other service"
 )]
-pub struct ImdsPresent {
+pub(crate) struct ImdsPresent {
     /// The probed address.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The first line of its answer.
-    pub status_line: String,
+    pub(crate) status_line: String,
 }
 
 /// Asks `GET /metadata/instance` at `addr`. `Ok(())` when nothing answers HTTP there (refused,
 /// unreachable, silent); `Err` when something does.
-pub async fn probe(addr: SocketAddr) -> Result<(), ImdsPresent> {
+pub(crate) async fn probe(addr: SocketAddr) -> Result<(), ImdsPresent> {
     let Ok(Ok(mut stream)) = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await else {
         return Ok(());
     };
@@ -69,24 +81,28 @@ pub async fn probe(addr: SocketAddr) -> Result<(), ImdsPresent> {
 }
 
 /// `tokend transparent-imds setup`: refuses when an IMDS already answers, then aliases the address on `lo`.
-pub async fn setup() -> anyhow::Result<()> {
+pub(crate) async fn setup() -> Result<(), AliasError> {
     probe(IMDS_ADDR).await?;
-    run_ip(&["addr", "replace", "169.254.169.254/32", "dev", "lo"])
+    run_ip(&["addr", "replace", "169.254.169.254/32", "dev", "lo"]).map(drop)
 }
 
 /// `tokend transparent-imds teardown`: removes the alias (absent is fine).
-pub fn teardown() -> anyhow::Result<()> {
-    let has = Command::new("ip").args(["-4", "addr", "show", "dev", "lo"]).output()?;
-    if String::from_utf8_lossy(&has.stdout).contains("169.254.169.254/32") {
+pub(crate) fn teardown() -> Result<(), AliasError> {
+    let shown = run_ip(&["-4", "addr", "show", "dev", "lo"])?;
+    if shown.contains("169.254.169.254/32") {
         run_ip(&["addr", "del", "169.254.169.254/32", "dev", "lo"])?;
     }
     Ok(())
 }
 
-fn run_ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().map_err(|e| anyhow::anyhow!("cannot run `ip` (iproute2): {e}"))?;
-    anyhow::ensure!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    Ok(())
+/// Runs `ip ARGS`; its standard output on success.
+fn run_ip(args: &[&str]) -> Result<String, AliasError> {
+    let out = Command::new("ip").args(args).output().map_err(AliasError::Spawn)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(AliasError::Ip { args: args.join(" "), stderr });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

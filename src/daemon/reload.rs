@@ -20,16 +20,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::secret::fingerprint;
 
 /// How often credential files are checked for changes.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// A file's content fingerprint (`None` when unreadable).
+/// Each file's content fingerprint, of its bytes (`None` when unreadable): a change confined to bytes
+/// that are not UTF-8, as in a rotated binary PKCS#12 file, is a change.
 fn stamps(paths: &[PathBuf]) -> Vec<Option<String>> {
-    paths
-        .iter()
-        .map(|p| std::fs::read(p).ok().map(|b| crate::token::fingerprint(&String::from_utf8_lossy(&b))))
-        .collect()
+    paths.iter().map(|p| std::fs::read(p).ok().map(|b| fingerprint(&b))).collect()
 }
 
 /// Settings a reload cannot apply live.
@@ -52,7 +51,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 
 /// Watches `path`'s credential files and SIGHUP until `cancel`; `None` (tokend dev) only keeps SIGHUP
 /// from killing the process.
-pub async fn run(path: Option<PathBuf>, initial: Config, broker: Arc<Broker>, cancel: CancellationToken) {
+pub(crate) async fn run(path: Option<PathBuf>, initial: Config, broker: Arc<Broker>, cancel: CancellationToken) {
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -124,4 +123,21 @@ fn reload(path: &Path, current: &Config, broker: &Broker, reason: &str) -> Optio
     let names: Vec<&str> = new.identities.iter().map(|i| i.name.as_str()).collect();
     tracing::info!(reason, identities = ?names, "configuration reloaded");
     Some(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_see_a_change_in_non_utf8_bytes() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (pfx, gone) = (d.path().join("cert.pfx"), d.path().join("missing"));
+        std::fs::write(&pfx, b"\x30\x82\xff\x01").expect("write");
+        let before = stamps(&[pfx.clone(), gone.clone()]);
+        std::fs::write(&pfx, b"\x30\x82\xfe\x01").expect("rotate");
+        let after = stamps(&[pfx, gone]);
+        assert_ne!(before[0], after[0]);
+        assert_eq!((before[1].as_ref(), after[1].as_ref()), (None, None));
+    }
 }

@@ -1,9 +1,9 @@
-//! Process signals: SIGTERM and SIGINT start a graceful shutdown. SIGHUP belongs to [`crate::reload`].
+//! Process signals: SIGTERM and SIGINT start a graceful shutdown. SIGHUP belongs to [`super::reload`].
 
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Resolves at the first SIGTERM or SIGINT.
-pub async fn shutdown() {
+pub(crate) async fn shutdown() {
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; stop tokend with SIGKILL");
         std::future::pending::<()>().await;

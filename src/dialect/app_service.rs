@@ -11,16 +11,20 @@ use super::{Dialect, RequestError, answer, check_api_version, parse_query};
 use crate::broker::Broker;
 
 /// The path `IDENTITY_ENDPOINT` names.
-pub const PATH: &str = "/msi/token";
+pub(crate) const PATH: &str = "/msi/token";
 /// The same with a trailing slash.
-pub const PATH_SLASH: &str = "/msi/token/";
+pub(crate) const PATH_SLASH: &str = "/msi/token/";
 /// Oldest api-version accepted (the one that uses `X-IDENTITY-HEADER`).
-pub const MIN_API_VERSION: &str = "2019-08-01";
+pub(crate) const MIN_API_VERSION: &str = "2019-08-01";
 /// The header carrying the secret.
-pub const HEADER: &str = "x-identity-header";
+pub(crate) const HEADER: &str = "x-identity-header";
 
 /// The handler.
-pub async fn token(State(broker): State<Arc<Broker>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+pub(crate) async fn token(
+    State(broker): State<Arc<Broker>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     match handle(&broker, &headers, query.as_deref()).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::AppService),

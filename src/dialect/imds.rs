@@ -10,15 +10,19 @@ use super::{Dialect, RequestError, answer, check_api_version, header_str, parse_
 use crate::broker::Broker;
 
 /// The path every IMDS client calls.
-pub const PATH: &str = "/metadata/identity/oauth2/token";
+pub(crate) const PATH: &str = "/metadata/identity/oauth2/token";
 /// The same with the trailing slash msal-node adds.
-pub const PATH_SLASH: &str = "/metadata/identity/oauth2/token/";
+pub(crate) const PATH_SLASH: &str = "/metadata/identity/oauth2/token/";
 /// Oldest api-version accepted.
-pub const MIN_API_VERSION: &str = "2018-02-01";
+pub(crate) const MIN_API_VERSION: &str = "2018-02-01";
 
 /// The handler. A request without `Metadata: true` (DefaultAzureCredential's probe) gets IMDS's 400 at
 /// once; so does one that a proxy forwarded (IMDS's SSRF rule).
-pub async fn token(State(broker): State<Arc<Broker>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+pub(crate) async fn token(
+    State(broker): State<Arc<Broker>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     match handle(&broker, &headers, query.as_deref()).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::Imds),

@@ -7,23 +7,27 @@
 //! seconds *remaining*) and the mapping from [`TokenError`] to a status code; they differ in the guard
 //! headers and in the error body's shape.
 
-pub mod app_service;
-pub mod imds;
+pub(crate) mod app_service;
+pub(crate) mod imds;
 
+use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use crate::broker::Broker;
+use crate::clock::unix_secs;
 use crate::identity::Selector;
 use crate::resource::Resource;
-use crate::token::{TokenError, unix_secs};
+use crate::token::{Served, TokenError};
 
 /// Which dialect answers: decides the error body's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
+pub(crate) enum Dialect {
     /// `{"error": .., "error_description": ..}`
     Imds,
     /// `{"statusCode": .., "message": .., "correlationId": ..}`
@@ -32,14 +36,14 @@ pub enum Dialect {
 
 impl Dialect {
     /// The dialect whose error shape fits a request path (App Service under `/msi/`, IMDS elsewhere).
-    pub fn for_path(path: &str) -> Self {
+    pub(crate) fn for_path(path: &str) -> Self {
         if path.starts_with("/msi/") { Self::AppService } else { Self::Imds }
     }
 }
 
 /// An error answered to a caller: status, OAuth-style code, human description naming what is at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestError {
+pub(crate) struct RequestError {
     /// HTTP status.
     pub status: StatusCode,
     /// Short code (`invalid_request`, ...), used in the IMDS shape.
@@ -52,7 +56,7 @@ pub struct RequestError {
 
 impl RequestError {
     /// A 400 `invalid_request`.
-    pub fn bad_request(description: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(description: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_request",
@@ -62,7 +66,7 @@ impl RequestError {
     }
 
     /// Renders the error in `dialect`'s shape.
-    pub fn into_response(self, dialect: Dialect) -> Response {
+    pub(crate) fn into_response(self, dialect: Dialect) -> Response {
         let body = match dialect {
             Dialect::Imds => serde_json::json!({ "error": self.code, "error_description": self.description }),
             Dialect::AppService => serde_json::json!({
@@ -112,7 +116,7 @@ impl From<TokenError> for RequestError {
 
 /// The parameters of a token request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TokenQuery {
+pub(crate) struct TokenQuery {
     /// `api-version`
     pub api_version: Option<String>,
     /// `resource`, decoded, as the caller spelt it.
@@ -125,7 +129,7 @@ const SELECTORS: &str = "client_id, object_id, principal_id, msi_res_id, mi_res_
 
 /// Parses a query string: rejects duplicates, bad percent-encoding and conflicting selectors; ignores
 /// parameters it does not know (clients add their own).
-pub fn parse_query(raw: Option<&str>) -> Result<TokenQuery, RequestError> {
+pub(crate) fn parse_query(raw: Option<&str>) -> Result<TokenQuery, RequestError> {
     let mut q = TokenQuery::default();
     let mut seen: Vec<String> = Vec::new();
     for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -183,7 +187,7 @@ fn percent_encoding_ok(s: &str) -> bool {
 }
 
 /// Checks `api-version`: a date `YYYY-MM-DD` (optionally with a suffix such as `-preview`) not before `min`.
-pub fn check_api_version(v: Option<&str>, min: &str) -> Result<(), RequestError> {
+pub(crate) fn check_api_version(v: Option<&str>, min: &str) -> Result<(), RequestError> {
     let Some(v) = v else {
         return Err(RequestError::bad_request(format!("query parameter api-version is required ({min} or later)")));
     };
@@ -227,15 +231,16 @@ pub(crate) async fn answer(broker: &Broker, dialect: Dialect, q: TokenQuery) -> 
     let raw_resource = q.resource.ok_or_else(|| RequestError::bad_request("query parameter resource is required"))?;
     let resource = Resource::parse(&raw_resource)
         .map_err(|e| RequestError::bad_request(format!("query parameter resource: {e}")))?;
-    let identity = broker
+    let snapshot = broker.snapshot();
+    let identity = snapshot
+        .identities
         .select(q.selector.as_ref())
         .map_err(|e| RequestError::bad_request(format!("Identity not found: {e}")))?;
-    let identity = &identity;
-    let (token, hit) = broker.cache().get(identity, &resource).await.map_err(|e| {
+    let Served { token, cache_hit } = broker.cache().get(&snapshot, identity, &resource).await.map_err(|e| {
         tracing::info!(identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
         RequestError::from(e)
     })?;
-    tracing::debug!(identity = %identity.name, %resource, ?dialect, cache_hit = hit, token = token.fingerprint(), "token served");
+    tracing::debug!(identity = %identity.name, %resource, ?dialect, cache_hit, token = token.fingerprint(), "token served");
     let now = unix_secs(SystemTime::now());
     let body = TokenBody {
         access_token: token.secret(),
@@ -251,6 +256,17 @@ pub(crate) async fn answer(broker: &Broker, dialect: Dialect, q: TokenQuery) -> 
     let mut resp = axum::Json(body).into_response();
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// The `export` lines that point Azure SDKs at a broker listening on `addr`: the App Service variables
+/// (`IDENTITY_ENDPOINT`, `IDENTITY_HEADER`) and msal-node's `AZURE_POD_IDENTITY_AUTHORITY_HOST`; never
+/// `MSI_ENDPOINT`/`MSI_SECRET`/`IMDS_ENDPOINT`.
+pub(crate) fn export_lines(addr: SocketAddr, identity_header: &SecretString) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "export IDENTITY_ENDPOINT='http://{addr}{}'", app_service::PATH);
+    let _ = writeln!(out, "export IDENTITY_HEADER='{}'", identity_header.expose_secret());
+    let _ = writeln!(out, "export AZURE_POD_IDENTITY_AUTHORITY_HOST='http://{addr}'");
+    out
 }
 
 /// A header's value as text, if present and valid.

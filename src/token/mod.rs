@@ -1,24 +1,29 @@
 //! Access tokens, the single-flight cache and the background refresher.
 //!
 //! - [`AccessToken`]: a cached token; `Debug` never shows it, logs use [`AccessToken::fingerprint`].
+//! - [`source`]: the contract with where tokens come from ([`TokenSource`]); `idp` implements it.
 //! - [`refresh`]: the pure refresh policy and retry delays.
 //! - [`cache`]: [`TokenCache`], one refresher task per (identity, resource).
 
-pub mod cache;
-pub mod refresh;
+mod cache;
+mod refresh;
+mod source;
 
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
-pub use cache::{TokenCache, TokenSource};
+pub(crate) use cache::{PinnedState, TokenCache};
+pub(crate) use source::{BoxFuture, FailureClass, FetchError, IssuedToken, TokenSource};
 
-use crate::idp::IssuedToken;
+use crate::clock::unix_secs;
+use crate::secret::fingerprint;
 
 /// A cached bearer token with its expiry on both clocks: monotonic for decisions, wall for the wire.
-pub struct AccessToken {
+pub(crate) struct AccessToken {
     secret: SecretString,
     expires_on: u64,
     ext_expires_on: u64,
@@ -31,10 +36,10 @@ pub struct AccessToken {
 impl AccessToken {
     /// Builds a cache entry from what the IdP issued; `requested` is when the request was sent and
     /// `refresh_after` comes from [`refresh::refresh_after`].
-    pub fn new(issued: IssuedToken, requested: Instant, refresh_after: Duration) -> Self {
+    pub(crate) fn new(issued: IssuedToken, requested: Instant, refresh_after: Duration) -> Self {
         let base = unix_secs(issued.requested_at);
         let lifetime = issued.expires_in.as_secs();
-        let fingerprint = fingerprint(issued.access_token.expose_secret());
+        let fingerprint = fingerprint(issued.access_token.expose_secret().as_bytes());
         Self {
             expires_on: base + lifetime,
             ext_expires_on: base + issued.ext_expires_in.map_or(lifetime, |d| d.as_secs()),
@@ -47,37 +52,37 @@ impl AccessToken {
     }
 
     /// The bearer token itself. Only the dialect responses call this.
-    pub fn secret(&self) -> &str {
+    pub(crate) fn secret(&self) -> &str {
         self.secret.expose_secret()
     }
 
     /// Expiry, seconds since the Unix epoch.
-    pub fn expires_on(&self) -> u64 {
+    pub(crate) fn expires_on(&self) -> u64 {
         self.expires_on
     }
 
     /// Extended expiry, seconds since the Unix epoch.
-    pub fn ext_expires_on(&self) -> u64 {
+    pub(crate) fn ext_expires_on(&self) -> u64 {
         self.ext_expires_on
     }
 
     /// Issuance time, seconds since the Unix epoch.
-    pub fn not_before(&self) -> u64 {
+    pub(crate) fn not_before(&self) -> u64 {
         self.not_before
     }
 
     /// Time left before expiry.
-    pub fn remaining(&self, now: Instant) -> Duration {
+    pub(crate) fn remaining(&self, now: Instant) -> Duration {
         self.expires_at.saturating_duration_since(now)
     }
 
     /// When the refresher replaces it.
-    pub fn refresh_due(&self) -> Instant {
+    pub(crate) fn refresh_due(&self) -> Instant {
         self.refresh_due
     }
 
     /// A short SHA-256 prefix that identifies the token in logs.
-    pub fn fingerprint(&self) -> &str {
+    pub(crate) fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
 }
@@ -91,21 +96,18 @@ impl fmt::Debug for AccessToken {
     }
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// `sha256:` + the first 12 hex digits of the token's SHA-256: enough to correlate, useless to replay.
-pub fn fingerprint(token: &str) -> String {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    let hex: String = digest.as_ref().iter().take(6).map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+/// A token handed to a caller.
+#[derive(Debug, Clone)]
+pub(crate) struct Served {
+    /// The token.
+    pub(crate) token: Arc<AccessToken>,
+    /// Whether it was cached when the caller asked (the caller did not wait).
+    pub(crate) cache_hit: bool,
 }
 
 /// Why a caller gets no token. The dialects map these to status codes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     /// Nothing valid is cached and the IdP cannot be reached (or is throttling) right now: 503.
     #[error("no valid token for identity {identity:?} is cached and the identity provider is unavailable: {cause}")]
     Unavailable {

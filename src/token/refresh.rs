@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
-use crate::idp::FailureClass;
+use super::FailureClass;
 
 /// A refresh is never scheduled sooner than this after issuance (no hot loop, whatever the IdP says).
-pub const MIN_REFRESH_AFTER: Duration = Duration::from_secs(1);
+pub(super) const MIN_REFRESH_AFTER: Duration = Duration::from_secs(1);
 /// Cap on the margin kept between the refresh and the end of the servable window.
 const MAX_MARGIN: Duration = Duration::from_secs(30);
 /// Longest `Retry-After` honoured.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The IdP's tokens do not outlive `tokens.min_lifetime`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -29,7 +29,7 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
     "the identity provider issued a token that lives {}s, not more than tokens.min_lifetime ({}s), so it can never be served; lower tokens.min_lifetime",
     lifetime.as_secs(), min_lifetime.as_secs()
 )]
-pub struct TooShortLived {
+pub(super) struct TooShortLived {
     /// The token's lifetime.
     pub lifetime: Duration,
     /// The configured floor.
@@ -37,7 +37,7 @@ pub struct TooShortLived {
 }
 
 /// How long after issuance to refresh a token. `jitter` is uniform in `[0, 1)`.
-pub fn refresh_after(
+pub(super) fn refresh_after(
     lifetime: Duration,
     refresh_in: Option<Duration>,
     min_lifetime: Duration,
@@ -58,7 +58,7 @@ pub fn refresh_after(
 
 /// Delays between failed attempts for one cache key. Reset after a success.
 #[derive(Debug)]
-pub struct RetryDelays {
+pub(super) struct RetryDelays {
     transient: ExponentialBackoff,
     permanent: ExponentialBackoff,
 }
@@ -73,7 +73,7 @@ impl RetryDelays {
     /// Transient failures: 1 s doubling to 15 s, plus up to 100 % jitter, so the first attempt after the
     /// IdP comes back is at most 30 s away. Everything else (bad credential, bad resource, refused):
     /// 30 s doubling to 5 min — no loop hammers the IdP, and a fix is still picked up within minutes.
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         let transient = ExponentialBuilder::new()
             .with_min_delay(Duration::from_secs(1))
             .with_max_delay(Duration::from_secs(15))
@@ -91,7 +91,7 @@ impl RetryDelays {
     }
 
     /// The delay before the next attempt. A `Retry-After` from the IdP is honoured exactly (up to an hour).
-    pub fn next(&mut self, class: FailureClass, retry_after: Option<Duration>) -> Duration {
+    pub(super) fn next(&mut self, class: FailureClass, retry_after: Option<Duration>) -> Duration {
         if let Some(ra) = retry_after {
             // Keep the exponential sequence advancing so a later failure without Retry-After backs off further.
             let _ = self.transient.next();

@@ -11,6 +11,7 @@ mod contract;
 mod credentials;
 mod failures;
 mod hostile;
+mod layers;
 mod readme;
 mod refresh;
 mod reload;

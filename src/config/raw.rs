@@ -1,0 +1,100 @@
+//! The file as written: what serde reads. Every table denies unknown keys, so a typo is an error.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The file as written. Every table denies unknown keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    /// `[server]`
+    #[serde(default)]
+    pub server: RawServer,
+    /// `[tokens]`
+    #[serde(default)]
+    pub tokens: RawTokens,
+    /// `[upstream]`
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    /// `[[identity]]`, the first is the default.
+    #[serde(default)]
+    pub identity: Vec<RawIdentity>,
+}
+
+/// `[server]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    /// Addresses to listen on (`IP:port`); loopback only unless `allow_non_loopback`.
+    pub listen: Option<Vec<String>>,
+    /// Explicit opt-in to listening on a non-loopback address.
+    pub allow_non_loopback: Option<bool>,
+    /// The App Service identity header secret; created (mode 0600) if missing.
+    pub identity_header_file: Option<PathBuf>,
+}
+
+/// `[tokens]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTokens {
+    /// Never hand out a token with less than this left (default `5m`).
+    pub min_lifetime: Option<String>,
+    /// Longest a caller waits for the IdP when nothing valid is cached (default `8s`), then 503.
+    pub max_wait: Option<String>,
+    /// An on-demand resource unused this long stops being refreshed and is dropped (default `30m`).
+    pub idle_timeout: Option<String>,
+}
+
+/// `[upstream]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    /// Timeout of one token request, connect included (default `10s`).
+    pub timeout: Option<String>,
+    /// Extra CA certificates (PEM) trusted for https token URLs, on top of the system roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[[identity]]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIdentity {
+    /// Name in logs and errors (default `default` for the first identity).
+    pub name: Option<String>,
+    /// Directory (tenant) id; needed with `authority_host`.
+    pub tenant_id: Option<String>,
+    /// Application (client) id.
+    pub client_id: Option<String>,
+    /// Object (principal) id, selectable by callers.
+    pub object_id: Option<String>,
+    /// ARM resource id, selectable by callers with `msi_res_id`/`mi_res_id`.
+    pub resource_id: Option<String>,
+    /// Entra authority; the token URL is `{authority_host}/{tenant_id}/oauth2/v2.0/token` (v1: `/oauth2/token`).
+    pub authority_host: Option<String>,
+    /// Any OAuth2 token endpoint, instead of `authority_host`.
+    pub token_url: Option<String>,
+    /// `"v2"` (default, `scope=<resource>/.default`) or `"v1"` (`resource=<resource>`).
+    pub api: Option<String>,
+    /// File holding the client secret.
+    pub client_secret_file: Option<PathBuf>,
+    /// systemd credential (`LoadCredential=`) holding the client secret: `$CREDENTIALS_DIRECTORY/NAME`.
+    pub client_secret_credential: Option<String>,
+    /// Certificate: PEM (certificate + unencrypted key) or PKCS#12 (`.pfx`/`.p12`).
+    pub certificate_file: Option<PathBuf>,
+    /// systemd credential holding the certificate.
+    pub certificate_credential: Option<String>,
+    /// File holding the PKCS#12 password.
+    pub certificate_password_file: Option<PathBuf>,
+    /// systemd credential holding the PKCS#12 password.
+    pub certificate_password_credential: Option<String>,
+    /// `"PS256"` (default, header `x5t#S256`) or `"RS256"` (header `x5t`).
+    pub assertion_alg: Option<String>,
+    /// Send the certificate chain (`x5c`) for subject-name/issuer authentication.
+    pub send_certificate_chain: Option<bool>,
+    /// Federated token file (workload identity); read on every request.
+    pub federated_token_file: Option<PathBuf>,
+    /// Resources fetched at start and kept fresh.
+    #[serde(default)]
+    pub resources: Vec<String>,
+}

@@ -1,0 +1,190 @@
+//! Configuration unit tests: every error names the file, the key and the problem.
+
+use super::*;
+use crate::identity::TokenApi;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+struct Dir(tempfile::TempDir);
+impl Dir {
+    fn new() -> Self {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::write(d.path().join("secret"), "s3cret-value\n").expect("write");
+        Self(d)
+    }
+    fn load(&self, text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, &self.0.path().join("tokend.toml"), &no_env)
+    }
+}
+
+const MINIMAL: &str = r#"
+        [[identity]]
+        tenant_id = "t"
+        client_id = "c"
+        client_secret_file = "secret"
+    "#;
+
+fn message(r: Result<Config, ConfigError>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let d = Dir::new();
+    let c = d.load(MINIMAL).expect("valid");
+    assert_eq!(c.server.listen, vec!["127.0.0.1:50342".parse().expect("addr")]);
+    assert_eq!(c.tokens, TokensConfig::default());
+    let id = &c.identities[0];
+    assert_eq!(id.name, "default");
+    assert_eq!(id.token_url.as_str(), "https://login.microsoftonline.com/t/oauth2/v2.0/token");
+    assert_eq!(id.api, TokenApi::V2);
+}
+
+#[test]
+fn shipped_example_parses() {
+    let d = Dir::new();
+    let text = include_str!("../../config/tokend.example.toml");
+    // The example points at /etc paths; rewrite the secret path to the temp dir's file.
+    let text = text.replace("/etc/tokend/client-secret", "secret");
+    let c = d.load(&text).expect("example config is valid");
+    assert!(!c.identities.is_empty());
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_file_and_key() {
+    let d = Dir::new();
+    let m = message(d.load(&format!("[server]\nlisten = [\"127.0.0.1:1\"]\nlisen = 1\n{MINIMAL}")));
+    assert!(m.contains("tokend.toml") && m.contains("lisen"), "{m}");
+    let m = message(d.load(&format!("{MINIMAL}\nclient_secret = \"x\"\n")));
+    assert!(m.contains("client_secret"), "{m}");
+}
+
+#[test]
+fn invalid_values_name_the_key() {
+    let d = Dir::new();
+    let cases = [
+        ("[server]\nlisten = [\"0.0.0.0:50342\"]\n", "server.listen[0]", "allow_non_loopback"),
+        ("[server]\nlisten = [\"localhost:1\"]\n", "server.listen[0]", "IP:port"),
+        ("[server]\nlisten = []\n", "server.listen", "empty"),
+        ("[tokens]\nmin_lifetime = \"5 parsecs\"\n", "tokens.min_lifetime", "not a duration"),
+        ("[tokens]\nmax_wait = \"5m\"\n", "tokens.max_wait", "out of range"),
+        ("[upstream]\nca_file = \"missing.pem\"\n", "upstream.ca_file", "cannot read"),
+    ];
+    for (prefix, key, what) in cases {
+        let m = message(d.load(&format!("{prefix}{MINIMAL}")));
+        assert!(m.contains(key) && m.contains(what) && m.contains("tokend.toml"), "{prefix}: {m}");
+    }
+    let id_cases = [
+        ("client_id = \"c\"\ntenant_id = \"t\"\n", "identity[0].client_secret_file", "missing"),
+        (
+            "client_id = \"c\"\ntenant_id = \"t\"\nclient_secret_file = \"nope\"\n",
+            "identity[0].client_secret_file",
+            "cannot read",
+        ),
+        ("tenant_id = \"t\"\nclient_secret_file = \"secret\"\n", "identity[0].client_id", "missing"),
+        ("client_id = \"c\"\nclient_secret_file = \"secret\"\n", "identity[0].tenant_id", "missing"),
+        (
+            "client_id = \"c\"\nclient_secret_file = \"secret\"\ntoken_url = \"http://idp.example/token\"\n",
+            "identity[0].token_url",
+            "loopback",
+        ),
+        (
+            "client_id = \"c\"\nclient_secret_file = \"secret\"\ntoken_url = \"http://127.0.0.1:9/token\"\napi = \"v3\"\n",
+            "identity[0].api",
+            "v3",
+        ),
+        (
+            "client_id = \"c\"\ntenant_id = \"t\"\nclient_secret_file = \"secret\"\nresources = [\"a b\"]\n",
+            "identity[0].resources[0]",
+            "whitespace",
+        ),
+    ];
+    for (body, key, what) in id_cases {
+        let m = message(d.load(&format!("[[identity]]\n{body}")));
+        assert!(m.contains(key) && m.contains(what), "{body}: {m}");
+    }
+}
+
+#[test]
+fn ambiguous_identities_are_rejected() {
+    let d = Dir::new();
+    let two = format!(
+        "{MINIMAL}\n[[identity]]\nname = \"b\"\ntenant_id = \"t\"\nclient_id = \"C\"\nclient_secret_file = \"secret\"\n"
+    );
+    let m = message(d.load(&two));
+    assert!(m.contains("identity[1].client_id") && m.contains("ambiguous"), "{m}");
+}
+
+#[test]
+fn v1_and_token_url_and_loopback_http() {
+    let d = Dir::new();
+    let c = d
+            .load("[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_file = \"secret\"\napi = \"v1\"\nauthority_host = \"https://login.example/\"\n")
+            .expect("valid");
+    assert_eq!(c.identities[0].token_url.as_str(), "https://login.example/t/oauth2/token");
+    let c = d
+            .load("[[identity]]\nclient_id = \"c\"\nclient_secret_file = \"secret\"\ntoken_url = \"http://localhost:9400/x/token\"\n")
+            .expect("valid");
+    assert_eq!(c.identities[0].token_url.as_str(), "http://localhost:9400/x/token");
+}
+
+#[test]
+fn identity_from_azure_environment() {
+    let env = |name: &str| match name {
+        "AZURE_TENANT_ID" => Some("tid".to_owned()),
+        "AZURE_CLIENT_ID" => Some("cid".to_owned()),
+        "AZURE_CLIENT_SECRET" => Some("env-secret".to_owned()),
+        "AZURE_AUTHORITY_HOST" => Some("https://login.microsoftonline.us".to_owned()),
+        _ => None,
+    };
+    let c = Config::from_toml("", Path::new("/x/tokend.toml"), &env).expect("valid");
+    assert_eq!(c.identities[0].client_id, "cid");
+    assert_eq!(c.identities[0].token_url.as_str(), "https://login.microsoftonline.us/tid/oauth2/v2.0/token");
+    assert!(!format!("{c:?}").contains("env-secret"));
+    let m = message(Config::from_toml("", Path::new("/x/tokend.toml"), &no_env));
+    assert!(m.contains("AZURE_TENANT_ID") && m.contains("[[identity]]"), "{m}");
+}
+
+#[test]
+fn federated_and_systemd_credentials() {
+    let env = |name: &str| match name {
+        "AZURE_TENANT_ID" => Some("tid".to_owned()),
+        "AZURE_CLIENT_ID" => Some("cid".to_owned()),
+        "AZURE_FEDERATED_TOKEN_FILE" => Some("/var/run/secrets/azure/tokens/token".to_owned()),
+        _ => None,
+    };
+    let c = Config::from_toml("", Path::new("/x/tokend.toml"), &env).expect("valid");
+    assert_eq!(c.identities[0].credential.kind(), "federated token");
+    let d = Dir::new();
+    let m = message(d.load("[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_credential = \"s\"\n"));
+    assert!(m.contains("identity[0].client_secret_credential") && m.contains("CREDENTIALS_DIRECTORY"), "{m}");
+    let creds = d.0.path().to_str().expect("utf8").to_owned();
+    let with_dir = move |name: &str| (name == "CREDENTIALS_DIRECTORY").then(|| creds.clone());
+    let text = "[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_credential = \"secret\"\n";
+    let c = Config::from_toml(text, &d.0.path().join("tokend.toml"), &with_dir).expect("valid");
+    assert_eq!(c.identities[0].credential.origin(), "systemd credential secret");
+    assert_eq!(c.watched, vec![d.0.path().join("secret")]);
+    let m =
+        message(d.load("[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_credential = \"../x\"\n"));
+    assert!(m.contains("not a credential name"), "{m}");
+    let m = message(d.load("[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\n"));
+    assert!(m.contains("certificate_file") && m.contains("federated_token_file"), "lists every credential kind: {m}");
+}
+
+#[test]
+fn readable_secret_file_warns_and_debug_redacts() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Dir::new();
+    let p = d.0.path().join("secret");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let c = d.load(MINIMAL).expect("valid");
+    assert!(c.warnings.iter().any(|w| w.contains("chmod 600")), "{:?}", c.warnings);
+    assert!(!format!("{c:?}").contains("s3cret-value"));
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert!(d.load(MINIMAL).expect("valid").warnings.is_empty());
+}
