@@ -28,7 +28,7 @@ pub(crate) const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.c
 
 /// A configuration error. Exit code 64 (EX_USAGE).
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     /// The file could not be read.
     #[error("{path}: cannot read: {source}")]
     Read {
