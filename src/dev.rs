@@ -142,7 +142,11 @@ fn dev_config(issuer: &DevIssuer, listen: SocketAddr) -> anyhow::Result<Config> 
     };
     Ok(Config {
         source: "tokend dev".to_owned(),
-        server: ServerConfig { listen: vec![listen], identity_header: IdentityHeaderSource::Generated },
+        server: ServerConfig {
+            listen: vec![listen],
+            identity_header: IdentityHeaderSource::Generated,
+            unix_socket: None,
+        },
         tokens: TokensConfig::default(),
         upstream: UpstreamConfig::default(),
         identities: vec![identity],

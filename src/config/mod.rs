@@ -65,7 +65,23 @@ pub(crate) struct ServerConfig {
     pub(crate) listen: Vec<SocketAddr>,
     /// Where the App Service identity header comes from.
     pub(crate) identity_header: IdentityHeaderSource,
+    /// A unix socket to serve on as well.
+    pub(crate) unix_socket: Option<UnixSocketConfig>,
 }
+
+/// `[server] unix_socket` with its mode and group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UnixSocketConfig {
+    /// The socket's path.
+    pub(crate) path: PathBuf,
+    /// Its permission bits (default 0660).
+    pub(crate) mode: u32,
+    /// Its group id, if `socket_group` is set.
+    pub(crate) gid: Option<u32>,
+}
+
+/// The default `socket_mode`: the owner and the socket's group may connect.
+pub(crate) const DEFAULT_SOCKET_MODE: u32 = 0o660;
 
 /// Where the App Service identity header secret lives.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -32,6 +32,12 @@ pub(super) struct RawServer {
     pub allow_non_loopback: Option<bool>,
     /// The App Service identity header secret; created (mode 0600) if missing.
     pub identity_header_file: Option<PathBuf>,
+    /// A unix socket to serve on as well, e.g. `/run/tokend/tokend.sock`.
+    pub unix_socket: Option<PathBuf>,
+    /// The socket's mode, octal (default `"0660"`).
+    pub socket_mode: Option<String>,
+    /// The socket's group: a name or a numeric id, resolved when the configuration is loaded.
+    pub socket_group: Option<String>,
 }
 
 /// `[tokens]`

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::raw::{RawConfig, RawServer, RawTokens, RawUpstream};
 use super::{Config, ConfigError, DEFAULT_IDENTITY_HEADER_FILE, DEFAULT_LISTEN, IdentityHeaderSource, ServerConfig};
-use super::{TokensConfig, UpstreamConfig};
+use super::{DEFAULT_SOCKET_MODE, TokensConfig, UnixSocketConfig, UpstreamConfig};
 use crate::identity::Identity;
 use crate::net::{host_is_loopback, is_imds_ip};
 
@@ -116,7 +116,61 @@ impl<'a> Validator<'a> {
             listen.push(addr);
         }
         let file = raw.identity_header_file.unwrap_or_else(|| PathBuf::from(DEFAULT_IDENTITY_HEADER_FILE));
-        Ok(ServerConfig { listen, identity_header: IdentityHeaderSource::File(self.resolve(&file)) })
+        let unix_socket = self.unix_socket(raw.unix_socket, raw.socket_mode, raw.socket_group)?;
+        Ok(ServerConfig { listen, identity_header: IdentityHeaderSource::File(self.resolve(&file)), unix_socket })
+    }
+
+    /// `server.unix_socket`, `socket_mode` and `socket_group`. Whether the path is free is checked when
+    /// the daemon prepares (`daemon::prepare`), just before binding.
+    fn unix_socket(
+        &mut self,
+        path: Option<PathBuf>,
+        mode: Option<String>,
+        group: Option<String>,
+    ) -> Result<Option<UnixSocketConfig>, ConfigError> {
+        let Some(path) = path else {
+            if let Some(key) = [("server.socket_mode", mode.is_some()), ("server.socket_group", group.is_some())]
+                .into_iter()
+                .find_map(|(key, set)| set.then_some(key))
+            {
+                return Err(self.err(key, "only applies with server.unix_socket"));
+            }
+            return Ok(None);
+        };
+        if path.as_os_str().is_empty() {
+            return Err(self.err("server.unix_socket", "is empty; give a path such as \"/run/tokend/tokend.sock\""));
+        }
+        let path = self.resolve(&path);
+        // sun_path holds 108 bytes, the terminating NUL included.
+        if path.as_os_str().len() > 107 {
+            return Err(self.err("server.unix_socket", format!("{} is longer than 107 bytes", path.display())));
+        }
+        let mode = match mode {
+            None => DEFAULT_SOCKET_MODE,
+            Some(text) => {
+                let digits = text.trim().trim_start_matches("0o");
+                match u32::from_str_radix(digits, 8) {
+                    Ok(m) if m <= 0o777 && !digits.is_empty() => m,
+                    _ => {
+                        return Err(self.err(
+                            "server.socket_mode",
+                            format!("{text:?} is not an octal mode like \"0660\" (at most 0777)"),
+                        ));
+                    }
+                }
+            }
+        };
+        if mode & 0o002 != 0 {
+            self.warnings.push(format!(
+                "server.socket_mode {mode:04o} lets any local user connect to {}; use 0660 and server.socket_group",
+                path.display()
+            ));
+        }
+        let gid = match group {
+            None => None,
+            Some(g) => Some(group_id(&g).map_err(|message| self.err("server.socket_group", message))?),
+        };
+        Ok(Some(UnixSocketConfig { path, mode, gid }))
     }
 
     fn tokens(&self, raw: &RawTokens) -> Result<TokensConfig, ConfigError> {
@@ -198,5 +252,18 @@ impl<'a> Validator<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// A group name or numeric id → gid. Names are resolved here, at load and reload, never per request.
+fn group_id(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(text) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("{text:?} is not a group on this host")),
+        Err(e) => Err(format!("cannot look up group {text:?}: {e}")),
     }
 }

@@ -40,9 +40,17 @@ pub(crate) struct Prepared {
     pub(crate) identity_header: SecretString,
 }
 
-/// Loads (or creates) the identity header and logs the configuration's warnings.
+/// Loads (or creates) the identity header, checks that the unix socket path is free or a socket, and
+/// logs the configuration's warnings.
 pub(crate) fn prepare(mut config: Config) -> Result<Prepared, ConfigError> {
     let identity_header = load_identity_header(&config.server.identity_header, &config.source, &mut config.warnings)?;
+    if let Some(unix) = &config.server.unix_socket {
+        server::check_unix_path(&unix.path).map_err(|message| ConfigError::Invalid {
+            path: config.source.clone(),
+            key: "server.unix_socket".to_owned(),
+            message,
+        })?;
+    }
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -76,14 +84,15 @@ pub(crate) async fn run(
     let Prepared { config, identity_header } = prepared;
     let source: Arc<dyn TokenSource> =
         Arc::new(IdpClient::new(&config.upstream).context("cannot set up the HTTPS client")?);
-    let listeners = server::bind(&config.server.listen).await?;
-    let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let listeners = server::bind(&config.server).await?;
+    let bound: Vec<SocketAddr> = listeners.iter().filter_map(server::Listener::tcp_addr).collect();
+    let described: Vec<String> = listeners.iter().map(server::Listener::describe).collect();
     let broker = Broker::start(&config, identity_header, source, &tracker, &cancel);
     tracker.spawn(reload::run(reload_from, config.clone(), broker.clone(), cancel.clone()));
     let app = server::router(broker, HostPolicy::for_listen(&bound));
     let serving = tracker.spawn(server::serve(listeners, app, cancel.clone()));
     let identities: Vec<&str> = config.identities.iter().map(|i| i.name.as_str()).collect();
-    tracing::info!(listen = ?bound, identities = ?identities, "tokend serving");
+    tracing::info!(listen = ?described, identities = ?identities, "tokend serving");
     on_listening(&bound);
     tokio::select! {
         () = shutdown => {}

@@ -40,6 +40,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.server.identity_header != new.server.identity_header {
         out.push("server.identity_header_file");
     }
+    if old.server.unix_socket != new.server.unix_socket {
+        out.push("server.unix_socket");
+    }
     if old.upstream.timeout != new.upstream.timeout {
         out.push("upstream.timeout");
     }

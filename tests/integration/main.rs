@@ -20,4 +20,5 @@ mod serving;
 mod soak;
 mod support;
 mod transparent;
+mod unix_socket;
 mod upstream;

@@ -1,4 +1,4 @@
-//! The HTTP surface: the router, its guards and serving with graceful shutdown.
+//! The HTTP surface: the router and its guards; [`listen`] binds and serves.
 //!
 //! Routes: the two token dialects, `/healthz` (alive) and `/readyz` (every configured resource cached).
 //! Guards: only GET (405 otherwise), a `Host` that is a loopback name or address or one of tokend's
@@ -14,12 +14,14 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::broker::Broker;
 use crate::dialect::{Dialect, RequestError, app_service, imds};
+
+mod listen;
+
+pub(crate) use listen::{Listener, bind, check_unix_path, serve};
 
 /// Longest any request may take; callers are answered within `tokens.max_wait` well before this.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
@@ -156,139 +158,13 @@ async fn method_not_allowed(req: Request) -> Response {
     resp
 }
 
-/// Binds every address before anything is served, so a bad address fails start-up as a whole.
-pub(crate) async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
-    let mut out = Vec::with_capacity(addrs.len());
-    for addr in addrs {
-        let l = TcpListener::bind(addr).await.map_err(|e| {
-            let hint = match e.kind() {
-                std::io::ErrorKind::AddrNotAvailable if crate::net::is_imds_ip(addr.ip()) => {
-                    "; the address is not on this host: run `tokend transparent-imds setup` (or \
-                     `ip addr add 169.254.169.254/32 dev lo`) first"
-                }
-                std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
-                    "; ports below 1024 need CAP_NET_BIND_SERVICE (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE)"
-                }
-                _ => "",
-            };
-            std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}{hint}"))
-        })?;
-        out.push(l);
-    }
-    Ok(out)
-}
-
-/// Limits against hostile or broken clients.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
-    /// A client must send its whole request head within this (slowloris).
-    pub header_read_timeout: Duration,
-    /// Open connections per listener; beyond it new connections are closed at once.
-    pub max_connections: usize,
-    /// Hard cap on a request head (hyper answers a bare 431 beyond it).
-    pub max_head_bytes: usize,
-    /// Grace for in-flight requests after shutdown starts.
-    pub drain: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(5),
-            max_connections: 1024,
-            max_head_bytes: 64 * 1024,
-            drain: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Serves `app` on every listener until `shutdown` is cancelled, then lets in-flight requests finish
-/// for at most `limits.drain`.
-pub(crate) async fn serve(
-    listeners: Vec<TcpListener>,
-    app: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    serve_with(listeners, app, shutdown, Limits::default()).await
-}
-
-/// [`serve`] with explicit limits.
-pub(crate) async fn serve_with(
-    listeners: Vec<TcpListener>,
-    app: Router,
-    shutdown: CancellationToken,
-    limits: Limits,
-) -> std::io::Result<()> {
-    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-    let mut tasks = tokio::task::JoinSet::new();
-    for listener in listeners {
-        let (app, stop, graceful) = (app.clone(), shutdown.clone(), graceful.clone());
-        tasks.spawn(accept_loop(listener, app, stop, graceful, limits));
-    }
-    let mut result = Ok(());
-    while let Some(joined) = tasks.join_next().await {
-        if let Err(e) = joined {
-            result = Err(std::io::Error::other(format!("listener task failed: {e}")));
-        }
-    }
-    // The accept loops are done, so this is the last reference.
-    if let Ok(graceful) = Arc::try_unwrap(graceful)
-        && tokio::time::timeout(limits.drain, graceful.shutdown()).await.is_err()
-    {
-        tracing::warn!(drain_s = limits.drain.as_secs(), "connections still open after the drain period; closing them");
-    }
-    result
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    app: Router,
-    stop: CancellationToken,
-    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
-    limits: Limits,
-) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_head_bytes)
-        .keep_alive(true);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = limits.max_connections, "connection limit reached; closing a new connection");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use axum::body::Body;
     use http_body_util::BodyExt;
+    use tokio_util::sync::CancellationToken;
     use tower::ServiceExt;
 
     use crate::token::{BoxFuture, FetchError, IssuedToken, TokenSource};
@@ -408,36 +284,6 @@ mod tests {
         assert_eq!((status, body["error"].as_str()), (StatusCode::URI_TOO_LONG, Some("invalid_request")));
         let (status, _, body) = call(&app, request("/readyz").body(Body::empty()).expect("req")).await;
         assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ready")));
-    }
-
-    #[tokio::test]
-    async fn connections_beyond_the_limit_are_closed_and_the_limit_frees_up() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let app = Router::new().route("/healthz", get(healthz));
-        let stop = CancellationToken::new();
-        let limits = Limits { max_connections: 3, ..Limits::default() };
-        let server = tokio::spawn(serve_with(vec![listener], app, stop.clone(), limits));
-        let mut idle = Vec::new();
-        for _ in 0..3 {
-            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.expect("closed at once");
-        assert!(matches!(n, Ok(0) | Err(_)), "the fourth connection is closed, not served");
-        idle.clear();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut ok = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.expect("write");
-        let mut answer = String::new();
-        ok.read_to_string(&mut answer).await.expect("read");
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        stop.cancel();
-        server.await.expect("join").expect("serve");
     }
 
     #[test]

@@ -1,0 +1,324 @@
+//! Listening and serving: [`bind`] every listener (loopback TCP and an optional unix socket) before
+//! anything is served, then [`serve`] — tokend's own HTTP/1 accept loop (hyper): header-read timeout
+//! against slowloris, a per-listener connection limit and a graceful drain bounded by
+//! [`Limits::drain`]. This is where the caller of a connection will be resolved.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ServerConfig, UnixSocketConfig};
+
+/// A bound listener.
+#[derive(Debug)]
+pub(crate) enum Listener {
+    /// A TCP address.
+    Tcp(TcpListener),
+    /// A unix socket, with its path and inode (to remove it at shutdown only if it is still ours).
+    Unix(UnixListener, PathBuf, u64),
+}
+
+impl Listener {
+    /// What it listens on, for logs: `127.0.0.1:50342` or `unix:/run/tokend/tokend.sock`.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Tcp(l) => l.local_addr().map_or_else(|e| format!("tcp (unknown: {e})"), |a| a.to_string()),
+            Self::Unix(_, path, _) => format!("unix:{}", path.display()),
+        }
+    }
+
+    /// The TCP address, if it is one.
+    pub(crate) fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Tcp(l) => l.local_addr().ok(),
+            Self::Unix(..) => None,
+        }
+    }
+}
+
+/// Binds every TCP address, then the unix socket, before anything is served, so a bad address fails
+/// start-up as a whole.
+pub(crate) async fn bind(server: &ServerConfig) -> io::Result<Vec<Listener>> {
+    let mut out = Vec::with_capacity(server.listen.len() + 1);
+    for addr in &server.listen {
+        let l = TcpListener::bind(addr).await.map_err(|e| {
+            let hint = match e.kind() {
+                io::ErrorKind::AddrNotAvailable if crate::net::is_imds_ip(addr.ip()) => {
+                    "; the address is not on this host: run `tokend transparent-imds setup` (or \
+                     `ip addr add 169.254.169.254/32 dev lo`) first"
+                }
+                io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+                    "; ports below 1024 need CAP_NET_BIND_SERVICE (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE)"
+                }
+                _ => "",
+            };
+            io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}{hint}"))
+        })?;
+        out.push(Listener::Tcp(l));
+    }
+    if let Some(unix) = &server.unix_socket {
+        out.push(bind_unix(unix).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on server.unix_socket {}: {e}", unix.path.display()))
+        })?);
+    }
+    Ok(out)
+}
+
+/// Why a unix socket path cannot be used, found before anything is bound (a configuration error).
+pub(crate) fn check_unix_path(path: &Path) -> Result<(), String> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(format!("the directory {} does not exist", parent.display()));
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot inspect {}: {e}", path.display())),
+        // A socket, stale or live, is sorted out when binding.
+        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(_) => Err(format!("{} exists and is not a socket; tokend replaces only a stale socket", path.display())),
+    }
+}
+
+/// Binds the socket under a temporary name, sets its mode and group, then renames it into place, so it
+/// is never reachable with other permissions. A stale socket (nobody accepts on it) is replaced; a live
+/// one is an error, as an address in use.
+fn bind_unix(config: &UnixSocketConfig) -> io::Result<Listener> {
+    let path = &config.path;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is serving on it")),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "replacing a stale socket from an earlier run");
+                std::fs::remove_file(path)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let staging = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging)?;
+    let placed = (|| {
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(config.mode))?;
+        if let Some(gid) = config.gid {
+            std::os::unix::fs::chown(&staging, None, Some(gid)).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot give it group {gid} (server.socket_group): {e}"))
+            })?;
+        }
+        std::fs::rename(&staging, path)?;
+        std::fs::symlink_metadata(path).map(|m| m.ino())
+    })();
+    match placed {
+        Ok(ino) => Ok(Listener::Unix(listener, path.clone(), ino)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&staging);
+            Err(e)
+        }
+    }
+}
+
+/// Limits against hostile or broken clients.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// A client must send its whole request head within this (slowloris).
+    pub(crate) header_read_timeout: Duration,
+    /// Open connections per listener; beyond it new connections are closed at once.
+    pub(crate) max_connections: usize,
+    /// Hard cap on a request head (hyper answers a bare 431 beyond it).
+    pub(crate) max_head_bytes: usize,
+    /// Grace for in-flight requests after shutdown starts.
+    pub(crate) drain: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+            max_head_bytes: 64 * 1024,
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves `app` on every listener until `shutdown` is cancelled, then lets in-flight requests finish
+/// for at most `limits.drain`, and removes the unix socket.
+pub(crate) async fn serve(listeners: Vec<Listener>, app: Router, shutdown: CancellationToken) -> io::Result<()> {
+    serve_with(listeners, app, shutdown, Limits::default()).await
+}
+
+/// [`serve`] with explicit limits.
+pub(crate) async fn serve_with(
+    listeners: Vec<Listener>,
+    app: Router,
+    shutdown: CancellationToken,
+    limits: Limits,
+) -> io::Result<()> {
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let mut sockets = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        if let Listener::Unix(_, path, ino) = &listener {
+            sockets.push((path.clone(), *ino));
+        }
+        let (app, stop, graceful) = (app.clone(), shutdown.clone(), graceful.clone());
+        tasks.spawn(accept_loop(listener, app, stop, graceful, limits));
+    }
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            result = Err(io::Error::other(format!("listener task failed: {e}")));
+        }
+    }
+    // New clients get "connection refused" rather than a socket nobody accepts on.
+    for (path, ino) in sockets {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.ino() == ino) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    // The accept loops are done, so this is the last reference.
+    if let Ok(graceful) = Arc::try_unwrap(graceful)
+        && tokio::time::timeout(limits.drain, graceful.shutdown()).await.is_err()
+    {
+        tracing::warn!(drain_s = limits.drain.as_secs(), "connections still open after the drain period; closing them");
+    }
+    result
+}
+
+async fn accept_loop(
+    listener: Listener,
+    app: Router,
+    stop: CancellationToken,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    limits: Limits,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_head_bytes)
+        .keep_alive(true);
+    let on = listener.describe();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = accept(&listener) => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(listener = %on, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = limits.max_connections, "connection limit reached; closing a new connection");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// A byte stream of either kind.
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+/// One accepted connection and its peer, for logs.
+async fn accept(listener: &Listener) -> io::Result<(Box<dyn Stream>, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (stream, peer) = l.accept().await?;
+            let _ = stream.set_nodelay(true);
+            Ok((Box::new(stream), peer.to_string()))
+        }
+        Listener::Unix(l, path, _) => {
+            let (stream, _) = l.accept().await?;
+            Ok((Box::new(stream), format!("unix:{}", path.display())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::get;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_and_the_limit_frees_up() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/healthz", get(|| async { "alive" }));
+        let stop = CancellationToken::new();
+        let limits = Limits { max_connections: 3, ..Limits::default() };
+        let server = tokio::spawn(serve_with(vec![Listener::Tcp(listener)], app, stop.clone(), limits));
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.expect("closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "the fourth connection is closed, not served");
+        idle.clear();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut ok = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.expect("write");
+        let mut answer = String::new();
+        ok.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        stop.cancel();
+        server.await.expect("join").expect("serve");
+    }
+
+    fn unix(path: &Path) -> UnixSocketConfig {
+        UnixSocketConfig { path: path.to_path_buf(), mode: 0o640, gid: None }
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_gets_its_mode_replaces_a_stale_one_and_refuses_a_live_one() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("tokend.sock");
+        // A stale socket: bound, then its listener gone.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+        let first = bind_unix(&unix(&path)).expect("the stale socket is replaced");
+        let meta = std::fs::metadata(&path).expect("socket");
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        let e = bind_unix(&unix(&path)).expect_err("a live socket is not replaced");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        drop(first);
+        let leftovers: Vec<_> = std::fs::read_dir(d.path()).expect("dir").flatten().map(|e| e.file_name()).collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("tokend.sock")], "no staging file left behind");
+    }
+
+    #[test]
+    fn unix_paths_that_are_not_sockets_are_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let file = d.path().join("file");
+        std::fs::write(&file, "x").expect("write");
+        assert!(check_unix_path(&file).expect_err("a file").contains("not a socket"));
+        assert!(check_unix_path(&d.path().join("missing/tokend.sock")).expect_err("no dir").contains("does not exist"));
+        assert_eq!(check_unix_path(&d.path().join("tokend.sock")), Ok(()));
+    }
+}

@@ -1,0 +1,123 @@
+//! The unix socket listener: the same routes over `[server] unix_socket` (with `Host: localhost`, as
+//! `curl --unix-socket` sends), its mode and group, a stale socket from a crashed run replaced and
+//! removed at shutdown, and anything else at the path a configuration error before any port is bound.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+const Q: &str = "api-version=2018-02-01&resource=https://storage.azure.com";
+
+/// One HTTP/1.1 GET over the unix socket at `path`; the status and the JSON body.
+async fn unix_get(path: &Path, target: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut stream = tokio::net::UnixStream::connect(path).await.expect("connect to the unix socket");
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let text = String::from_utf8(answer).expect("utf8");
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status: {text}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// A group of this host other than root's, as (name, gid).
+fn some_group() -> (String, u32) {
+    let groups = std::fs::read_to_string("/etc/group").expect("/etc/group");
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?.to_owned();
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            Some((name, gid))
+        })
+        .find(|(_, gid)| *gid != 0)
+        .expect("a non-root group in /etc/group")
+}
+
+/// Writes a config with `server_extra` added to `[server]`.
+fn config_with(dir: &Path, port: u16, o: &Opts, server_extra: &str) -> PathBuf {
+    let config = write_config(dir, port, o);
+    let text = std::fs::read_to_string(&config).expect("read");
+    let anchor = "identity_header_file = \"identity-header\"\n";
+    std::fs::write(&config, text.replace(anchor, &format!("{anchor}{server_extra}"))).expect("write");
+    config
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_unix_socket_serves_both_dialects_with_its_mode_and_group() {
+    let idp = Idp::start(3600).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("tokend.sock");
+    // A stale socket left behind by a crashed run: bound, and nobody accepting on it.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    let (group, gid) = some_group();
+    let port = free_port();
+    let config = config_with(
+        dir.path(),
+        port,
+        &Opts::new(&idp),
+        &format!("unix_socket = \"tokend.sock\"\nsocket_group = \"{group}\"\n"),
+    );
+    let mut t = Tokend::spawn(dir, config, port, &[]).await;
+
+    let meta = std::fs::metadata(&socket).expect("the socket exists");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660, "default socket_mode");
+    assert_eq!(meta.gid(), gid, "socket_group {group}");
+    assert!(t.logs().contains("replacing a stale socket"), "{}", t.logs());
+
+    let imds = format!("/metadata/identity/oauth2/token?{Q}");
+    let (status, body) = unix_get(&socket, &imds, &[("Metadata", "true")]).await;
+    assert_eq!(status, 200, "{body}\n{}", t.logs());
+    assert_eq!(jwt_claims(body["access_token"].as_str().expect("token"))["client_id"], CLIENT_ID);
+    let (status, body) = unix_get(&socket, &imds, &[]).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")), "the probe still gets its 400");
+    let header = t.identity_header();
+    let app_service = "/msi/token?api-version=2019-08-01&resource=https://storage.azure.com";
+    let (status, body) = unix_get(&socket, app_service, &[("X-IDENTITY-HEADER", &header)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(unix_get(&socket, "/healthz", &[]).await.0, 200);
+    assert_eq!(t.imds(Q).await.status(), 200, "TCP keeps serving beside it");
+
+    assert!(t.terminate().success());
+    assert!(!socket.exists(), "the socket is removed at shutdown");
+}
+
+#[test]
+fn anything_but_a_socket_at_the_path_is_a_configuration_error_before_binding() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("tokend.sock"), "not a socket").expect("write");
+    let port = free_port();
+    let o = Opts::for_url("http://127.0.0.1:9/t/oauth2/v2.0/token");
+    let cases = [
+        ("unix_socket = \"tokend.sock\"\n", "not a socket"),
+        ("unix_socket = \"missing/tokend.sock\"\n", "does not exist"),
+        ("unix_socket = \"other.sock\"\nsocket_mode = \"0999\"\n", "server.socket_mode"),
+        ("unix_socket = \"other.sock\"\nsocket_group = \"no-such-group-here\"\n", "server.socket_group"),
+        ("socket_mode = \"0600\"\n", "only applies with server.unix_socket"),
+    ];
+    for (toml, needle) in cases {
+        let config = config_with(dir.path(), port, &o, toml);
+        let out = Command::new(tokend_bin()).args(["serve", "--config"]).arg(&config).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{toml}: {stderr}");
+        assert!(stderr.contains(needle) && stderr.contains("tokend.toml"), "{toml}: {stderr}");
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "{toml}: no port was bound");
+    }
+    assert_eq!(std::fs::read_to_string(dir.path().join("tokend.sock")).expect("kept"), "not a socket");
+}
