@@ -9,6 +9,7 @@
 //! needs: [`commands`], one function per subcommand, and [`Error`], which decides the exit code.
 
 mod broker;
+mod caller;
 mod clock;
 pub mod commands;
 mod config;

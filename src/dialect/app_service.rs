@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::{Dialect, RequestError, answer, check_api_version, parse_query};
 use crate::broker::Broker;
+use crate::caller::Caller;
 
 /// The path `IDENTITY_ENDPOINT` names.
 pub(crate) const PATH: &str = "/msi/token";
@@ -22,16 +24,22 @@ pub(crate) const HEADER: &str = "x-identity-header";
 /// The handler.
 pub(crate) async fn token(
     State(broker): State<Arc<Broker>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    match handle(&broker, &headers, query.as_deref()).await {
+    match handle(&broker, caller.map(|c| c.0), &headers, query.as_deref()).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::AppService),
     }
 }
 
-async fn handle(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<Response, RequestError> {
+async fn handle(
+    broker: &Broker,
+    caller: Option<Caller>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, RequestError> {
     let unauthorized = |description: &str| RequestError {
         status: StatusCode::UNAUTHORIZED,
         code: "unauthorized",
@@ -49,5 +57,5 @@ async fn handle(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Re
     }
     let q = parse_query(query)?;
     check_api_version(q.api_version.as_deref(), MIN_API_VERSION)?;
-    answer(broker, Dialect::AppService, q).await
+    answer(broker, caller, Dialect::AppService, q).await
 }

@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::{Dialect, RequestError, answer, check_api_version, header_str, parse_query};
 use crate::broker::Broker;
+use crate::caller::Caller;
 
 /// The path every IMDS client calls.
 pub(crate) const PATH: &str = "/metadata/identity/oauth2/token";
@@ -20,16 +22,22 @@ pub(crate) const MIN_API_VERSION: &str = "2018-02-01";
 /// once; so does one that a proxy forwarded (IMDS's SSRF rule).
 pub(crate) async fn token(
     State(broker): State<Arc<Broker>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    match handle(&broker, &headers, query.as_deref()).await {
+    match handle(&broker, caller.map(|c| c.0), &headers, query.as_deref()).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::Imds),
     }
 }
 
-async fn handle(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<Response, RequestError> {
+async fn handle(
+    broker: &Broker,
+    caller: Option<Caller>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, RequestError> {
     if header_str(headers, "metadata") != Some("true") {
         tracing::debug!(
             "IMDS request without `Metadata: true` answered 400 (an availability probe, or a misconfigured client)"
@@ -45,5 +53,5 @@ async fn handle(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Re
     }
     let q = parse_query(query)?;
     check_api_version(q.api_version.as_deref(), MIN_API_VERSION)?;
-    answer(broker, Dialect::Imds, q).await
+    answer(broker, caller, Dialect::Imds, q).await
 }

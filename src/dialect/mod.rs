@@ -20,6 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use crate::broker::Broker;
+use crate::caller::Caller;
 use crate::clock::unix_secs;
 use crate::identity::Selector;
 use crate::resource::Resource;
@@ -227,7 +228,13 @@ struct TokenBody<'a> {
 }
 
 /// Resolves the identity and resource of a parsed query and answers with a token or an error.
-pub(crate) async fn answer(broker: &Broker, dialect: Dialect, q: TokenQuery) -> Result<Response, RequestError> {
+pub(crate) async fn answer(
+    broker: &Broker,
+    caller: Option<Caller>,
+    dialect: Dialect,
+    q: TokenQuery,
+) -> Result<Response, RequestError> {
+    let caller = caller.map_or_else(|| "none".to_owned(), |c| c.to_string());
     let raw_resource = q.resource.ok_or_else(|| RequestError::bad_request("query parameter resource is required"))?;
     let resource = Resource::parse(&raw_resource)
         .map_err(|e| RequestError::bad_request(format!("query parameter resource: {e}")))?;
@@ -237,10 +244,10 @@ pub(crate) async fn answer(broker: &Broker, dialect: Dialect, q: TokenQuery) -> 
         .select(q.selector.as_ref())
         .map_err(|e| RequestError::bad_request(format!("Identity not found: {e}")))?;
     let Served { token, cache_hit } = broker.cache().get(&snapshot, identity, &resource).await.map_err(|e| {
-        tracing::info!(identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
+        tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
         RequestError::from(e)
     })?;
-    tracing::debug!(identity = %identity.name, %resource, ?dialect, cache_hit, token = token.fingerprint(), "token served");
+    tracing::debug!(%caller, identity = %identity.name, %resource, ?dialect, cache_hit, token = token.fingerprint(), "token served");
     let now = unix_secs(SystemTime::now());
     let body = TokenBody {
         access_token: token.secret(),

@@ -1,7 +1,8 @@
 //! Listening and serving: [`bind`] every listener (loopback TCP and an optional unix socket) before
 //! anything is served, then [`serve`] — tokend's own HTTP/1 accept loop (hyper): header-read timeout
 //! against slowloris, a per-listener connection limit and a graceful drain bounded by
-//! [`Limits::drain`]. This is where the caller of a connection will be resolved.
+//! [`Limits::drain`]. Each connection's [`Caller`] is resolved here, once, before its first request is
+//! read, and handed to the handlers as a request extension.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,10 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
+use crate::caller::{Caller, TcpCallers};
 use crate::config::{ServerConfig, UnixSocketConfig};
 
 /// A bound listener.
@@ -163,14 +166,15 @@ pub(crate) async fn serve_with(
     limits: Limits,
 ) -> io::Result<()> {
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let callers = Arc::new(TcpCallers::default());
     let mut sockets = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         if let Listener::Unix(_, path, ino) = &listener {
             sockets.push((path.clone(), *ino));
         }
-        let (app, stop, graceful) = (app.clone(), shutdown.clone(), graceful.clone());
-        tasks.spawn(accept_loop(listener, app, stop, graceful, limits));
+        let (app, stop, graceful, callers) = (app.clone(), shutdown.clone(), graceful.clone(), callers.clone());
+        tasks.spawn(accept_loop(listener, app, stop, graceful, callers, limits));
     }
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
@@ -198,6 +202,7 @@ async fn accept_loop(
     app: Router,
     stop: CancellationToken,
     graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    callers: Arc<TcpCallers>,
     limits: Limits,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -212,7 +217,7 @@ async fn accept_loop(
             () = stop.cancelled() => return,
             accepted = accept(&listener) => accepted,
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer, caller) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -225,7 +230,16 @@ async fn accept_loop(
             tracing::warn!(%peer, max = limits.max_connections, "connection limit reached; closing a new connection");
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // The caller, once per connection, before its first request is read.
+        let caller = match caller {
+            Pending::Tcp { peer, local } => callers.lookup(peer, local),
+            Pending::Known(caller) => caller,
+        };
+        let service = tower::ServiceExt::map_request(app.clone(), move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(caller);
+            req
+        });
+        let service = hyper_util::service::TowerToHyperService::new(service);
         let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -240,17 +254,27 @@ async fn accept_loop(
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
-/// One accepted connection and its peer, for logs.
-async fn accept(listener: &Listener) -> io::Result<(Box<dyn Stream>, String)> {
+/// What is needed to know the caller of an accepted connection.
+enum Pending {
+    /// A TCP connection: look the client's socket up.
+    Tcp { peer: SocketAddr, local: SocketAddr },
+    /// Already known (`SO_PEERCRED`).
+    Known(Caller),
+}
+
+/// One accepted connection, its peer for logs, and how to know its caller.
+async fn accept(listener: &Listener) -> io::Result<(Box<dyn Stream>, String, Pending)> {
     match listener {
         Listener::Tcp(l) => {
             let (stream, peer) = l.accept().await?;
             let _ = stream.set_nodelay(true);
-            Ok((Box::new(stream), peer.to_string()))
+            let local = stream.local_addr()?;
+            Ok((Box::new(stream), peer.to_string(), Pending::Tcp { peer, local }))
         }
         Listener::Unix(l, path, _) => {
             let (stream, _) = l.accept().await?;
-            Ok((Box::new(stream), format!("unix:{}", path.display())))
+            let caller = Caller::of_unix(&stream);
+            Ok((Box::new(stream), format!("unix:{}", path.display()), Pending::Known(caller)))
         }
     }
 }

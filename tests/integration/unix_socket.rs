@@ -121,3 +121,71 @@ fn anything_but_a_socket_at_the_path_is_a_configuration_error_before_binding() {
     }
     assert_eq!(std::fs::read_to_string(dir.path().join("tokend.sock")).expect("kept"), "not a socket");
 }
+
+/// A local user of this host for the test, created if missing (the suite runs as root); its uid.
+fn test_user(name: &str) -> u32 {
+    let uid = |name: &str| {
+        let out = Command::new("id").args(["-u", name]).output().expect("id");
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().expect("uid"))
+    };
+    if let Some(u) = uid(name) {
+        return u;
+    }
+    let out = Command::new("useradd")
+        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+        .output()
+        .expect("useradd (passwd package) is required");
+    assert!(
+        out.status.success(),
+        "useradd {name} (the suite must run as root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    uid(name).expect("the new user")
+}
+
+/// `curl ARGS` run as `user` (util-linux runuser); curl's stdout.
+fn curl_as(user: &str, args: &[&str]) -> String {
+    let out = Command::new("runuser")
+        .args(["-u", user, "--", "curl", "-s", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("runuser (util-linux) and curl are required");
+    assert!(out.status.success(), "curl {args:?} as {user}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokend_knows_which_local_user_is_asking_over_tcp_and_the_unix_socket() {
+    let idp = Idp::start(3600).await;
+    let uid = test_user("tokendcaller");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Let the test user reach the socket in the temporary directory (the secret file stays 0600).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let socket = dir.path().join("tokend.sock");
+    let port = free_port();
+    let config =
+        config_with(dir.path(), port, &Opts::new(&idp), "unix_socket = \"tokend.sock\"\nsocket_mode = \"0666\"\n");
+    let t = Tokend::spawn(dir, config, port, &[]).await;
+
+    let imds = format!("/metadata/identity/oauth2/token?{Q}");
+    let tcp = curl_as("tokendcaller", &["-H", "Metadata: true", &t.url(&imds)]);
+    assert!(tcp.contains("access_token"), "{tcp}\n{}", t.logs());
+    let socket_arg = socket.to_str().expect("utf8");
+    let unix = curl_as(
+        "tokendcaller",
+        &["--unix-socket", socket_arg, "-H", "Metadata: true", &format!("http://localhost{imds}")],
+    );
+    assert!(unix.contains("access_token"), "{unix}\n{}", t.logs());
+    assert_eq!(t.imds(Q).await.status(), 200);
+
+    let logs = t.logs();
+    let served: Vec<&str> = logs.lines().filter(|l| l.contains("token served")).collect();
+    assert_eq!(served.len(), 3, "{logs}");
+    assert!(
+        served[0].contains(&format!("caller=uid {uid} ")) || served[0].ends_with(&format!("caller=uid {uid}")),
+        "TCP: {}",
+        served[0]
+    );
+    assert!(served[1].contains(&format!("caller=uid {uid} (pid ")), "unix socket, with the pid: {}", served[1]);
+    assert!(served[2].contains("caller=uid 0"), "this test (root) over TCP: {}", served[2]);
+}
