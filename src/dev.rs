@@ -47,6 +47,7 @@ pub(crate) async fn run(listen: SocketAddr) -> Result<(), Error> {
             "--listen {listen} is not a loopback address; tokend dev only listens on loopback"
         )));
     }
+    daemon::harden()?;
     let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
     let issuer = start_issuer(&tracker, &cancel).await?;
     let config = dev_config(&issuer, listen)?;

@@ -57,8 +57,17 @@ pub(crate) fn prepare(mut config: Config) -> Result<Prepared, ConfigError> {
     Ok(Prepared { config, identity_header })
 }
 
+/// Makes the process non-dumpable before it reads a secret: no core dumps, and processes of the same
+/// user can no longer ptrace it or read `/proc/<pid>/mem` (the cache holds tokens). Only root (or
+/// `CAP_SYS_PTRACE`) still can.
+pub(crate) fn harden() -> Result<(), Error> {
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| Error::Runtime(anyhow::anyhow!("cannot turn off PR_SET_DUMPABLE: {e}")))
+}
+
 /// `tokend serve`: loads `path`, probes transparent IMDS listeners, then runs until SIGTERM/SIGINT.
 pub(crate) async fn serve(path: &Path) -> Result<(), Error> {
+    harden()?;
     let prepared = prepare(Config::load(path)?)?;
     // Transparent IMDS: never shadow a metadata service that already answers there.
     for addr in prepared.config.server.listen.iter().filter(|a| is_imds_ip(a.ip())) {

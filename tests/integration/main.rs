@@ -5,6 +5,7 @@
 #![allow(unreachable_pub)]
 
 mod azcli;
+mod callers;
 mod cli;
 mod clients;
 mod contract;
@@ -20,5 +21,4 @@ mod serving;
 mod soak;
 mod support;
 mod transparent;
-mod unix_socket;
 mod upstream;

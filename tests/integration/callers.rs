@@ -1,6 +1,8 @@
-//! The unix socket listener: the same routes over `[server] unix_socket` (with `Host: localhost`, as
-//! `curl --unix-socket` sends), its mode and group, a stale socket from a crashed run replaced and
-//! removed at shutdown, and anything else at the path a configuration error before any port is bound.
+//! Who is asking. The unix socket listener: the same routes over `[server] unix_socket` (with
+//! `Host: localhost`, as `curl --unix-socket` sends), its mode and group, a stale socket from a crashed
+//! run replaced and removed at shutdown, anything else at the path a configuration error before any
+//! port is bound. Kernel-verified callers: a real user (`useradd`) over TCP and the unix socket. And a
+//! process that even its own user cannot read.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -188,4 +190,50 @@ async fn tokend_knows_which_local_user_is_asking_over_tcp_and_the_unix_socket() 
     );
     assert!(served[1].contains(&format!("caller=uid {uid} (pid ")), "unix socket, with the pid: {}", served[1]);
     assert!(served[2].contains("caller=uid 0"), "this test (root) over TCP: {}", served[2]);
+}
+
+/// Whether `user` can read `/proc/PID/environ` (as a same-uid process could read `/proc/PID/mem`).
+fn can_read_environ(user: &str, pid: u32) -> bool {
+    Command::new("runuser")
+        .args(["-u", user, "--", "cat", &format!("/proc/{pid}/environ")])
+        .output()
+        .expect("runuser (util-linux) is required")
+        .status
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn processes_of_the_same_user_cannot_read_tokends_memory() {
+    use std::os::unix::process::CommandExt;
+    let uid = test_user("tokendcaller");
+    let as_user = |cmd: &mut Command| {
+        cmd.uid(uid).gid(uid_gid(uid)).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    };
+    // Control: an ordinary process of that user is readable by the user, so the check can tell.
+    let mut sleep = Command::new("sleep");
+    as_user(sleep.arg("30"));
+    let mut control = sleep.spawn().expect("sleep");
+    assert!(can_read_environ("tokendcaller", control.id()), "the control process is readable");
+    let _ = control.kill();
+    let _ = control.wait();
+
+    let port = free_port();
+    let mut dev = Command::new(tokend_bin());
+    as_user(dev.args(["dev", "--listen", &format!("127.0.0.1:{port}")]));
+    let mut child = dev.spawn().expect("tokend dev");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !http().get(format!("http://127.0.0.1:{port}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(std::time::Instant::now() < deadline, "tokend dev did not come up as {uid}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let readable = can_read_environ("tokendcaller", child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!readable, "tokend is not dumpable: its own user cannot read /proc/<pid>/environ or mem");
+}
+
+/// The primary group of `uid`.
+fn uid_gid(uid: u32) -> u32 {
+    let out = Command::new("id").args(["-g", &uid.to_string()]).output().expect("id");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("gid")
 }
