@@ -151,6 +151,7 @@ fn dev_config(issuer: &DevIssuer, listen: SocketAddr) -> anyhow::Result<Config> 
         tokens: TokensConfig::default(),
         upstream: UpstreamConfig::default(),
         identities: vec![identity],
+        access: None,
         warnings: Vec::new(),
         watched: Vec::new(),
     })

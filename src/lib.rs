@@ -8,6 +8,7 @@
 //! invariants are in `ARCHITECTURE.md`. The library's public surface is what the `tokend` binary
 //! needs: [`commands`], one function per subcommand, and [`Error`], which decides the exit code.
 
+mod access;
 mod broker;
 mod caller;
 mod clock;

@@ -6,23 +6,30 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
+use crate::access::Access;
 use crate::config::{Config, TokensConfig};
 use crate::identity::Identities;
 use crate::resource::Resource;
 
-/// What requests and refreshers act on: the identities and the token policy (caller policy will join).
+/// What requests and refreshers act on: the identities, the token policy and the caller policy.
 #[derive(Debug)]
 pub(crate) struct Snapshot {
     /// The identities, default first.
     pub(crate) identities: Identities,
     /// `[tokens]`
     pub(crate) tokens: TokensConfig,
+    /// `[access]`, if configured.
+    pub(crate) access: Option<Access>,
 }
 
 impl Snapshot {
     /// The parts of a validated configuration that a reload applies live.
     pub(crate) fn new(config: &Config) -> Self {
-        Self { identities: Identities::new(config.identities.clone()), tokens: config.tokens }
+        Self {
+            identities: Identities::new(config.identities.clone()),
+            tokens: config.tokens,
+            access: config.access.clone(),
+        }
     }
 
     /// Whether `resource` is configured (kept fresh for ever) for the identity called `identity`.

@@ -5,6 +5,7 @@
 //! their credential specs, then loads the credentials. Every error names the file, the key and the
 //! problem. Relative paths in the file are relative to the file's directory.
 
+mod access;
 mod identities;
 mod raw;
 #[cfg(test)]
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::access::Access;
 use crate::identity::Identity;
 use raw::RawConfig;
 use validate::Validator;
@@ -141,6 +143,8 @@ pub(crate) struct Config {
     pub(crate) upstream: UpstreamConfig,
     /// Identities, default first; never empty.
     pub(crate) identities: Vec<Identity>,
+    /// `[access]`; `None` when the file has none (every local caller may get every token).
+    pub(crate) access: Option<Access>,
     /// Things worth a warning that are not errors (e.g. a secret file others can read).
     pub(crate) warnings: Vec<String>,
     /// Credential files (secrets, certificates, passwords) whose change triggers a reload.

@@ -20,6 +20,45 @@ pub(super) struct RawConfig {
     /// `[[identity]]`, the first is the default.
     #[serde(default)]
     pub identity: Vec<RawIdentity>,
+    /// `[access]`: per-caller policy; absent, every local caller may get every token.
+    pub access: Option<RawAccess>,
+}
+
+/// `[access]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccess {
+    /// `"allow"` (default) or `"deny"` when no rule matches the caller.
+    pub default: Option<String>,
+    /// `"deny"` (default) or `"allow"` for callers the kernel could not identify.
+    pub unknown: Option<String>,
+    /// `[[access.rule]]`
+    #[serde(default)]
+    pub rule: Vec<RawRule>,
+}
+
+/// `[[access.rule]]`: who (any of uids, users, gids, groups) may get what (identities × resources).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    /// User ids.
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// User names, resolved at load.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Group ids.
+    #[serde(default)]
+    pub gids: Vec<u32>,
+    /// Group names, resolved at load.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Identity names, or `["*"]`.
+    #[serde(default)]
+    pub identities: Vec<String>,
+    /// Resources, or `["*"]`.
+    #[serde(default)]
+    pub resources: Vec<String>,
 }
 
 /// `[server]`

@@ -188,3 +188,29 @@ fn readable_secret_file_warns_and_debug_redacts() {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     assert!(d.load(MINIMAL).expect("valid").warnings.is_empty());
 }
+
+#[test]
+fn access_policy_is_validated_and_names_resolved() {
+    let d = Dir::new();
+    let rule = |body: &str| format!("{MINIMAL}\n[access]\n[[access.rule]]\n{body}\n");
+    let c = d
+        .load(&rule("users = [\"root\"]\nidentities = [\"*\"]\nresources = [\"https://storage.azure.com/.default\"]"))
+        .expect("valid");
+    let access = c.access.expect("[access]");
+    assert_eq!(access.rules[0].uids, vec![0], "root resolved at load");
+    assert_eq!((access.default, access.unknown), (crate::access::Verdict::Allow, crate::access::Verdict::Deny));
+    assert!(d.load(MINIMAL).expect("valid").access.is_none(), "no [access], no policy");
+    let cases = [
+        (rule("users = [\"no-such-user-here\"]\nidentities = [\"*\"]\nresources = [\"*\"]"), "access.rule[0].users[0]"),
+        (rule("uids = [1]\nidentities = [\"nope\"]\nresources = [\"*\"]"), "access.rule[0].identities[0]"),
+        (rule("uids = [1]\nidentities = [\"*\"]\nresources = [\"a b\"]"), "access.rule[0].resources[0]"),
+        (rule("uids = [1]\nresources = [\"*\"]"), "access.rule[0].identities"),
+        (rule("identities = [\"*\"]\nresources = [\"*\"]"), "matches nobody"),
+        (rule("uids = [1]\nidentities = [\"*\"]\nresources = [\"*\"]\nrate = 1"), "rate"),
+        (format!("{MINIMAL}\n[access]\ndefault = \"maybe\"\n"), "access.default"),
+    ];
+    for (text, needle) in cases {
+        let m = message(d.load(&text));
+        assert!(m.contains(needle) && m.contains("tokend.toml"), "{needle}: {m}");
+    }
+}

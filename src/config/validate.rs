@@ -74,12 +74,14 @@ impl<'a> Validator<'a> {
             out
         };
         self.check_unambiguous(&identities)?;
+        let access = raw.access.map(|a| self.access(a, &identities)).transpose()?;
         Ok(Config {
             source: self.path,
             server,
             tokens,
             upstream,
             identities,
+            access,
             warnings: self.warnings,
             watched: self.watched,
         })

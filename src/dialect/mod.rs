@@ -20,7 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use crate::broker::Broker;
-use crate::caller::Caller;
+use crate::caller::{Caller, Unknown};
 use crate::clock::unix_secs;
 use crate::identity::Selector;
 use crate::resource::Resource;
@@ -234,7 +234,8 @@ pub(crate) async fn answer(
     dialect: Dialect,
     q: TokenQuery,
 ) -> Result<Response, RequestError> {
-    let caller = caller.map_or_else(|| "none".to_owned(), |c| c.to_string());
+    // No caller extension only in router unit tests: treat it as a failed lookup.
+    let caller = caller.unwrap_or(Caller::Unknown(Unknown::LookupFailed));
     let raw_resource = q.resource.ok_or_else(|| RequestError::bad_request("query parameter resource is required"))?;
     let resource = Resource::parse(&raw_resource)
         .map_err(|e| RequestError::bad_request(format!("query parameter resource: {e}")))?;
@@ -243,6 +244,18 @@ pub(crate) async fn answer(
         .identities
         .select(q.selector.as_ref())
         .map_err(|e| RequestError::bad_request(format!("Identity not found: {e}")))?;
+    if let Some(access) = &snapshot.access {
+        let rule = access.decide(&caller, &identity.name, &resource).map_err(|denied| {
+            tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, reason = %denied, "token request denied");
+            RequestError {
+                status: StatusCode::FORBIDDEN,
+                code: "access_denied",
+                description: denied.to_string(),
+                retry_after: None,
+            }
+        })?;
+        tracing::debug!(%caller, identity = %identity.name, %resource, rule = ?rule, "allowed by access policy");
+    }
     let Served { token, cache_hit } = broker.cache().get(&snapshot, identity, &resource).await.map_err(|e| {
         tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
         RequestError::from(e)

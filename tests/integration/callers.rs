@@ -237,3 +237,52 @@ fn uid_gid(uid: u32) -> u32 {
     let out = Command::new("id").args(["-g", &uid.to_string()]).output().expect("id");
     String::from_utf8_lossy(&out.stdout).trim().parse().expect("gid")
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_rules_allow_and_deny_per_local_user_over_tcp_and_the_unix_socket() {
+    let idp = Idp::start(3600).await;
+    let (allowed, other) = (test_user("tokendcaller"), test_user("tokendcaller2"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let socket = dir.path().join("tokend.sock");
+    let port = free_port();
+    let mut o = Opts::new(&idp);
+    o.extra = "[access]\ndefault = \"deny\"\n[[access.rule]]\nusers = [\"tokendcaller\"]\nidentities = [\"default\"]\nresources = [\"https://storage.azure.com\"]\n".into();
+    let config = config_with(dir.path(), port, &o, "unix_socket = \"tokend.sock\"\nsocket_mode = \"0666\"\n");
+    let t = Tokend::spawn(dir, config, port, &[]).await;
+    let unix_url =
+        |q: &str| format!("http://localhost/metadata/identity/oauth2/token?api-version=2018-02-01&resource={q}");
+    let socket_arg = socket.to_str().expect("utf8");
+    let ask = |user: &str, resource: &str, unix: bool| {
+        let mut args = vec!["-H".to_owned(), "Metadata: true".to_owned()];
+        if unix {
+            args.extend(["--unix-socket".to_owned(), socket_arg.to_owned(), unix_url(resource)]);
+        } else {
+            args.push(t.imds_url(resource));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str::<Value>(&curl_as(user, &args)).expect("json")
+    };
+    for unix in [false, true] {
+        let v = ask("tokendcaller", "https://storage.azure.com", unix);
+        assert!(v["access_token"].is_string(), "unix={unix}: {v}\n{}", t.logs());
+        let v = ask("tokendcaller", "https://vault.azure.net", unix);
+        assert_eq!(v["error"], "access_denied", "unix={unix}: {v}");
+        let d = v["error_description"].as_str().expect("description");
+        assert!(d.contains("access.rule[0]") && d.contains(&format!("uid {allowed}")), "{d}");
+        let v = ask("tokendcaller2", "https://storage.azure.com", unix);
+        assert_eq!(v["error"], "access_denied", "unix={unix}: {v}");
+        let d = v["error_description"].as_str().expect("description");
+        assert!(d.contains(&format!("no access.rule matches uid {other}")), "{d}");
+    }
+    // This test runs as root, for which no rule exists either: 403 in each dialect's shape.
+    let r = t.imds(Q).await;
+    assert_eq!(r.status(), 403);
+    let r = t.app_service("api-version=2019-08-01&resource=https://storage.azure.com").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.expect("json")["statusCode"], 403);
+    // Guard headers come first: the header-less probe still gets its 400.
+    let probe = http().get(t.imds_url("https://storage.azure.com")).send().await.expect("probe");
+    assert_eq!(probe.status(), 400);
+    assert_eq!(idp.token_requests().await, 1, "only the allowed request reached the IdP");
+}

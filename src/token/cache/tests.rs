@@ -71,7 +71,7 @@ fn secret_identity(secret: &str, pinned: &[Resource]) -> Identity {
 }
 
 fn snapshot(identity: Identity, min_lifetime: u64) -> Snapshot {
-    Snapshot { identities: Identities::new(vec![identity]), tokens: policy(min_lifetime) }
+    Snapshot { identities: Identities::new(vec![identity]), tokens: policy(min_lifetime), access: None }
 }
 
 /// A cache over one identity, `default`, with `pinned` configured resources.

@@ -1,0 +1,181 @@
+//! Per-caller policy (`[access]`): which local users may get which identities' tokens for which
+//! resources. Names (users, groups) are resolved to ids when the configuration is loaded, never per
+//! request. Evaluation is pure: [`Access::decide`].
+//!
+//! A request is allowed when a rule that matches the caller lists both the identity and the resource.
+//! When no rule matches the caller, `default` decides; a caller the kernel could not identify gets
+//! `unknown`. A caller that some rule matches is limited to what its rules list.
+
+use crate::caller::Caller;
+use crate::resource::Resource;
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Allowed.
+    Allow,
+    /// Denied.
+    Deny,
+}
+
+/// A list that may be `["*"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Pattern<T> {
+    /// `"*"`: anything.
+    Any,
+    /// Exactly these.
+    Only(Vec<T>),
+}
+
+impl<T: PartialEq> Pattern<T> {
+    fn allows(&self, value: &T) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(list) => list.contains(value),
+        }
+    }
+}
+
+/// One `[[access.rule]]`, names resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rule {
+    /// `uids` and the uids of `users`, and the members (by `/etc/group`-style member lists) of `groups`.
+    pub(crate) uids: Vec<u32>,
+    /// `gids` and the gids of `groups`: matched against a unix-socket caller's gid.
+    pub(crate) gids: Vec<u32>,
+    /// Identity names.
+    pub(crate) identities: Pattern<String>,
+    /// Normalised resources.
+    pub(crate) resources: Pattern<Resource>,
+}
+
+impl Rule {
+    fn matches(&self, uid: u32, gid: Option<u32>) -> bool {
+        self.uids.contains(&uid) || gid.is_some_and(|g| self.gids.contains(&g))
+    }
+}
+
+/// `[access]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Access {
+    /// When no rule matches the caller.
+    pub(crate) default: Verdict,
+    /// Callers that could not be identified.
+    pub(crate) unknown: Verdict,
+    /// The rules, in file order.
+    pub(crate) rules: Vec<Rule>,
+}
+
+/// Why a request is refused; names no identity but the one asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Denied {
+    /// The caller could not be identified and `access.unknown = "deny"`.
+    #[error("access denied by policy: the caller could not be identified ({0}) and access.unknown is \"deny\"")]
+    Unknown(String),
+    /// No rule matches the caller and `access.default = "deny"`.
+    #[error("access denied by policy: no access.rule matches {0} and access.default is \"deny\"")]
+    NoRule(String),
+    /// Rules match the caller, but none lists this identity and resource.
+    #[error(
+        "access denied by policy: {caller} is limited by access.rule{rules} to other identities or resources than identity {identity:?} and resource {resource:?}"
+    )]
+    NotListed {
+        /// The caller.
+        caller: String,
+        /// The matching rules' indexes, e.g. `[0]` or `[0, 2]`.
+        rules: String,
+        /// The identity asked for.
+        identity: String,
+        /// The resource asked for.
+        resource: String,
+    },
+}
+
+impl Access {
+    /// Whether `caller` may get `identity`'s token for `resource`; `Ok` names the deciding rule, if any.
+    pub(crate) fn decide(&self, caller: &Caller, identity: &str, resource: &Resource) -> Result<Option<usize>, Denied> {
+        let (uid, gid) = match caller {
+            Caller::Known { uid, gid, .. } => (*uid, *gid),
+            Caller::Unknown(_) => {
+                return match self.unknown {
+                    Verdict::Allow => Ok(None),
+                    Verdict::Deny => Err(Denied::Unknown(caller.to_string())),
+                };
+            }
+        };
+        let matching: Vec<usize> = (0..self.rules.len()).filter(|&i| self.rules[i].matches(uid, gid)).collect();
+        if matching.is_empty() {
+            return match self.default {
+                Verdict::Allow => Ok(None),
+                Verdict::Deny => Err(Denied::NoRule(caller.to_string())),
+            };
+        }
+        let identity_owned = identity.to_owned();
+        matching
+            .iter()
+            .copied()
+            .find(|&i| self.rules[i].identities.allows(&identity_owned) && self.rules[i].resources.allows(resource))
+            .map(Some)
+            .ok_or_else(|| Denied::NotListed {
+                caller: caller.to_string(),
+                rules: format!("{matching:?}"),
+                identity: identity.to_owned(),
+                resource: resource.to_string(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::caller::{Transport, Unknown};
+
+    fn user(uid: u32, gid: Option<u32>) -> Caller {
+        Caller::Known { uid, gid, pid: None, transport: Transport::Tcp }
+    }
+
+    fn res(s: &str) -> Resource {
+        Resource::parse(s).expect("resource")
+    }
+
+    fn policy(default: Verdict) -> Access {
+        Access {
+            default,
+            unknown: Verdict::Deny,
+            rules: vec![
+                Rule {
+                    uids: vec![1001],
+                    gids: vec![],
+                    identities: Pattern::Only(vec!["default".into()]),
+                    resources: Pattern::Only(vec![res("https://storage.azure.com/")]),
+                },
+                Rule { uids: vec![1002], gids: vec![50], identities: Pattern::Any, resources: Pattern::Any },
+            ],
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let storage = res("https://storage.azure.com/");
+        let vault = res("https://vault.azure.net");
+        for default in [Verdict::Allow, Verdict::Deny] {
+            let p = policy(default);
+            assert_eq!(p.decide(&user(1001, None), "default", &storage), Ok(Some(0)));
+            let e = p.decide(&user(1001, None), "default", &vault).expect_err("not listed");
+            assert!(e.to_string().contains("access.rule[0]") && e.to_string().contains("vault"), "{e}");
+            assert!(matches!(p.decide(&user(1001, None), "other", &storage), Err(Denied::NotListed { .. })));
+            assert_eq!(p.decide(&user(1002, None), "other", &vault), Ok(Some(1)));
+            assert_eq!(p.decide(&user(4242, Some(50)), "other", &vault), Ok(Some(1)), "by gid");
+            let unknown = Caller::Unknown(Unknown::NotFound);
+            assert!(matches!(p.decide(&unknown, "default", &storage), Err(Denied::Unknown(_))));
+        }
+        assert_eq!(policy(Verdict::Allow).decide(&user(7, None), "default", &vault), Ok(None));
+        let e = policy(Verdict::Deny).decide(&user(7, None), "default", &vault).expect_err("no rule");
+        assert_eq!(
+            e.to_string(),
+            "access denied by policy: no access.rule matches uid 7 and access.default is \"deny\""
+        );
+        let open = Access { unknown: Verdict::Allow, ..policy(Verdict::Deny) };
+        assert_eq!(open.decide(&Caller::Unknown(Unknown::Gone), "default", &vault), Ok(None));
+    }
+}
