@@ -103,6 +103,10 @@ pub(crate) struct TokensConfig {
     pub(crate) max_wait: Duration,
     /// Idle time after which an on-demand resource is dropped.
     pub(crate) idle_timeout: Duration,
+    /// On-demand resources one caller (uid) may have cached at once; beyond it, 429.
+    pub(crate) max_on_demand_per_caller: usize,
+    /// On-demand resources cached at once, all callers together; beyond it, 429.
+    pub(crate) max_on_demand: usize,
 }
 
 impl Default for TokensConfig {
@@ -111,6 +115,8 @@ impl Default for TokensConfig {
             min_lifetime: Duration::from_secs(300),
             max_wait: Duration::from_secs(8),
             idle_timeout: Duration::from_secs(1800),
+            max_on_demand_per_caller: 64,
+            max_on_demand: 1024,
         }
     }
 }

@@ -89,6 +89,10 @@ pub(super) struct RawTokens {
     pub max_wait: Option<String>,
     /// An on-demand resource unused this long stops being refreshed and is dropped (default `30m`).
     pub idle_timeout: Option<String>,
+    /// On-demand resources one caller (uid) may have cached at once (default 64).
+    pub max_on_demand_per_caller: Option<usize>,
+    /// On-demand resources cached at once, all callers together (default 1024).
+    pub max_on_demand: Option<usize>,
 }
 
 /// `[upstream]`

@@ -175,6 +175,14 @@ impl<'a> Validator<'a> {
         Ok(Some(UnixSocketConfig { path, mode, gid }))
     }
 
+    fn count(&self, key: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(n) if (1..=100_000).contains(&n) => Ok(n),
+            Some(n) => Err(self.err(key, format!("{n} is out of range; use between 1 and 100000"))),
+        }
+    }
+
     fn tokens(&self, raw: &RawTokens) -> Result<TokensConfig, ConfigError> {
         let secs = Duration::from_secs;
         Ok(TokensConfig {
@@ -196,6 +204,12 @@ impl<'a> Validator<'a> {
                 secs(1800),
                 (secs(1), secs(7 * 86_400)),
             )?,
+            max_on_demand_per_caller: self.count(
+                "tokens.max_on_demand_per_caller",
+                raw.max_on_demand_per_caller,
+                64,
+            )?,
+            max_on_demand: self.count("tokens.max_on_demand", raw.max_on_demand, 1024)?,
         })
     }
 

@@ -105,6 +105,12 @@ impl From<TokenError> for RequestError {
             TokenError::BadResource { .. } => {
                 Self { status: StatusCode::BAD_REQUEST, code: "invalid_resource", description, retry_after: None }
             }
+            TokenError::TooManyResources { retry_after, .. } => Self {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                code: "too_many_requests",
+                description,
+                retry_after: Some(retry_after.as_secs().max(1)),
+            },
             TokenError::Failed { .. } => Self {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 code: "upstream_error",
@@ -256,7 +262,7 @@ pub(crate) async fn answer(
         })?;
         tracing::debug!(%caller, identity = %identity.name, %resource, rule = ?rule, "allowed by access policy");
     }
-    let Served { token, cache_hit } = broker.cache().get(&snapshot, identity, &resource).await.map_err(|e| {
+    let Served { token, cache_hit } = broker.cache().get(&snapshot, &caller, identity, &resource).await.map_err(|e| {
         tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
         RequestError::from(e)
     })?;

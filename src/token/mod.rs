@@ -138,6 +138,23 @@ pub(crate) enum TokenError {
         /// The OAuth error code.
         error: String,
     },
+    /// The caller (or all callers together) already has as many on-demand resources cached as
+    /// `[tokens]` allows: 429, so that no caller can make tokend do unbounded work upstream.
+    #[error(
+        "{who} already {have} {limit} on-demand resources cached (tokens.{key}); a new one can be fetched when one idles out"
+    )]
+    TooManyResources {
+        /// `"this caller"` or `"all callers together"`.
+        who: &'static str,
+        /// `"has"` or `"have"`.
+        have: &'static str,
+        /// The limit.
+        limit: usize,
+        /// The setting.
+        key: &'static str,
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// Any other failure that will not go away by retrying soon (5xx).
     #[error("identity {identity:?}: {cause}")]
     Failed {

@@ -286,3 +286,46 @@ async fn access_rules_allow_and_deny_per_local_user_over_tcp_and_the_unix_socket
     assert_eq!(probe.status(), 400);
     assert_eq!(idp.token_requests().await, 1, "only the allowed request reached the IdP");
 }
+
+/// Bounded work per caller, with the default configuration: one uid's burst of 200 distinct resources
+/// costs at most `tokens.max_on_demand_per_caller` (64) IdP calls and the rest get 429; 50 resources the
+/// IdP rejects cost 50 calls and then none while nobody asks; another uid is served throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_caller_cannot_make_tokend_do_unbounded_work_upstream() {
+    let idp = Idp::start(3600).await;
+    test_user("tokendcaller");
+    let t = std::sync::Arc::new(Tokend::start(&Opts::new(&idp)).await);
+    let burst: Vec<_> = (0..200)
+        .map(|i| {
+            let t = t.clone();
+            tokio::spawn(async move {
+                t.imds(&format!("api-version=2018-02-01&resource=https://r{i}.example")).await.status()
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for b in burst {
+        *statuses.entry(b.await.expect("join").as_u16()).or_insert(0) += 1;
+    }
+    let calls = idp.token_requests().await;
+    eprintln!("200 distinct resources from one uid: {statuses:?}, {calls} IdP calls");
+    assert_eq!(statuses.get(&200), Some(&64), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&136), "{statuses:?}");
+    assert!(calls <= 64, "{calls} IdP calls");
+    let served = |user: &str, resource: &str| {
+        let url = t.imds_url(resource);
+        let v: Value = serde_json::from_str(&curl_as(user, &["-H", "Metadata: true", &url])).expect("json");
+        v
+    };
+    assert!(served("tokendcaller", "https://storage.azure.com")["access_token"].is_string(), "another uid is served");
+
+    for i in 0..50 {
+        let v = served("tokendcaller", &format!("https://forbidden-{i}.example"));
+        assert_eq!(v["error"], "invalid_resource", "{v}");
+    }
+    let after_rejections = idp.token_requests().await;
+    assert_eq!(after_rejections, calls + 1 + 50, "one call per rejected resource");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(idp.token_requests().await, after_rejections, "no IdP calls in 60 s without callers");
+    assert!(served("tokendcaller", "https://storage.azure.com")["access_token"].is_string(), "still served");
+}

@@ -14,6 +14,10 @@
 //!   `tokens.idle_timeout` without a caller. A dropped entry's channel closes and waiting callers re-look-up.
 
 mod refresher;
+
+/// `Retry-After` for a caller over its on-demand limit: entries idle out, so try again later.
+const FULL_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{AccessToken, FailureClass, Served, TokenError, TokenSource};
+use crate::caller::Caller;
 use crate::identity::Identity;
 use crate::resource::Resource;
 use crate::snapshot::{Live, Snapshot};
@@ -58,6 +63,42 @@ struct Entry {
     reset: AtomicBool,
     /// Stops this entry's refresher (identity removed, or shutdown).
     cancel: CancellationToken,
+    /// The caller an on-demand entry counts against (`None`: configured when created).
+    owner: Option<Owner>,
+}
+
+/// Who an on-demand entry counts against: the uid of the caller that created it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Owner {
+    /// A known local user.
+    Uid(u32),
+    /// Every caller that could not be identified, together.
+    Unknown,
+}
+
+impl Owner {
+    /// The owner for a caller.
+    pub(crate) fn of(caller: &Caller) -> Self {
+        match caller {
+            Caller::Known { uid, .. } => Self::Uid(*uid),
+            Caller::Unknown(_) => Self::Unknown,
+        }
+    }
+}
+
+/// On-demand entries per owner and in all; changed only under the entries' write lock.
+#[derive(Debug, Default)]
+struct Counts {
+    per_owner: HashMap<Owner, usize>,
+    total: usize,
+}
+
+/// Why no entry could be had.
+enum Refused {
+    /// The identity is not in the live snapshot (removed by a reload).
+    Gone,
+    /// `tokens.max_on_demand_per_caller` (`true`) or `tokens.max_on_demand` (`false`) is reached.
+    Full(bool, usize),
 }
 
 impl Entry {
@@ -96,6 +137,7 @@ struct Inner {
     live: Arc<Live>,
     entries: RwLock<HashMap<Key, Arc<Entry>>>,
     rejected: Mutex<HashMap<String, Rejection>>,
+    counts: Mutex<Counts>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -126,6 +168,7 @@ impl TokenCache {
             live,
             entries: RwLock::new(HashMap::new()),
             rejected: Mutex::new(HashMap::new()),
+            counts: Mutex::new(Counts::default()),
             tracker,
             cancel,
         };
@@ -158,12 +201,14 @@ impl TokenCache {
         if !removed.is_empty() {
             let mut map = self.inner.entries.write();
             for key in &removed {
-                map.remove(key);
+                if let Some(entry) = map.remove(key) {
+                    self.inner.forget(&entry);
+                }
             }
         }
         for identity in new.identities.iter() {
             for resource in &identity.resources {
-                self.entry(&identity.name, resource);
+                let _ = self.entry(&identity.name, resource, None);
             }
         }
     }
@@ -201,6 +246,7 @@ impl TokenCache {
     pub(crate) async fn get(
         &self,
         snapshot: &Snapshot,
+        caller: &Caller,
         identity: &Identity,
         resource: &Resource,
     ) -> Result<Served, TokenError> {
@@ -208,12 +254,24 @@ impl TokenCache {
         let deadline = Instant::now() + policy.max_wait;
         let mut first_look = true;
         loop {
-            let Some(entry) = self.entry(&identity.name, resource) else {
-                return Err(TokenError::Unavailable {
-                    identity: identity.name.clone(),
-                    cause: "the identity was removed by a configuration reload".to_owned(),
-                    retry_after: Duration::from_secs(1),
-                });
+            let entry = match self.entry(&identity.name, resource, Some(Owner::of(caller))) {
+                Ok(entry) => entry,
+                Err(Refused::Gone) => {
+                    return Err(TokenError::Unavailable {
+                        identity: identity.name.clone(),
+                        cause: "the identity was removed by a configuration reload".to_owned(),
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+                Err(Refused::Full(per_caller, limit)) => {
+                    return Err(TokenError::TooManyResources {
+                        who: if per_caller { "this caller" } else { "all callers together" },
+                        have: if per_caller { "has" } else { "have" },
+                        limit,
+                        key: if per_caller { "max_on_demand_per_caller" } else { "max_on_demand" },
+                        retry_after: FULL_RETRY_AFTER,
+                    });
+                }
             };
             entry.touch();
             let mut rx = entry.slot.clone();
@@ -225,9 +283,12 @@ impl TokenCache {
                         return Ok(Served { token: t.clone(), cache_hit: first_look });
                     }
                     if let Some(f) = &slot.failure {
-                        // Permanent failures are answered at once; transient ones too when the next attempt
-                        // is further away than this caller may wait.
-                        if f.class() != FailureClass::Transient || f.retry_at > deadline {
+                        // While the backoff lasts, permanent failures are answered at once; transient ones
+                        // too when the next attempt is further away than this caller may wait. Once it is
+                        // over, the caller wakes the refresher (an on-demand entry nobody asks for is not
+                        // retried) and waits.
+                        let backing_off = f.retry_at > now;
+                        if backing_off && (f.class() != FailureClass::Transient || f.retry_at > deadline) {
                             return Err(f.to_error(identity, resource, now));
                         }
                     }
@@ -264,19 +325,36 @@ impl TokenCache {
         }
     }
 
-    /// The entry of (`identity`, `resource`), created with its refresher on first use; `None` when the
-    /// live snapshot has no such identity (it was removed by a reload since the caller selected it).
-    fn entry(&self, identity: &str, resource: &Resource) -> Option<Arc<Entry>> {
+    /// The entry of (`identity`, `resource`), created with its refresher on first use. A new on-demand
+    /// entry counts against `owner` and must fit `tokens.max_on_demand_per_caller` and `max_on_demand`.
+    /// `Gone` when the live snapshot has no such identity (removed by a reload since it was selected).
+    fn entry(&self, identity: &str, resource: &Resource, owner: Option<Owner>) -> Result<Arc<Entry>, Refused> {
         let key = Key { identity: identity.to_owned(), resource: resource.clone() };
         if let Some(e) = self.inner.entries.read().get(&key) {
-            return Some(e.clone());
+            return Ok(e.clone());
         }
         let mut map = self.inner.entries.write();
         if let Some(e) = map.get(&key) {
-            return Some(e.clone());
+            return Ok(e.clone());
         }
         // Checked under the entries lock: `apply` runs after the swap and then sees this entry.
-        self.inner.live.load().identities.by_name(identity)?;
+        let snapshot = self.inner.live.load();
+        if snapshot.identities.by_name(identity).is_none() {
+            return Err(Refused::Gone);
+        }
+        let owner = owner.filter(|_| !snapshot.is_pinned(identity, resource));
+        if let Some(owner) = owner {
+            let mut counts = self.inner.counts.lock();
+            let (per_caller, total) = (snapshot.tokens.max_on_demand_per_caller, snapshot.tokens.max_on_demand);
+            if counts.per_owner.get(&owner).is_some_and(|n| *n >= per_caller) {
+                return Err(Refused::Full(true, per_caller));
+            }
+            if counts.total >= total {
+                return Err(Refused::Full(false, total));
+            }
+            *counts.per_owner.entry(owner).or_default() += 1;
+            counts.total += 1;
+        }
         let (tx, rx) = watch::channel(Slot::default());
         let entry = Arc::new(Entry {
             slot: rx,
@@ -285,10 +363,26 @@ impl TokenCache {
             created: Instant::now(),
             reset: AtomicBool::new(false),
             cancel: self.inner.cancel.child_token(),
+            owner,
         });
         map.insert(key.clone(), entry.clone());
         drop(map);
         self.inner.tracker.spawn(refresher(self.inner.clone(), key, entry.clone(), tx));
-        Some(entry)
+        Ok(entry)
+    }
+}
+
+impl Inner {
+    /// Uncounts a removed entry; call with the entries' write lock held.
+    fn forget(&self, entry: &Entry) {
+        let Some(owner) = entry.owner else { return };
+        let mut counts = self.counts.lock();
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(n) = counts.per_owner.get_mut(&owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.per_owner.remove(&owner);
+            }
+        }
     }
 }

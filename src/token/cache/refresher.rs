@@ -101,18 +101,27 @@ pub(super) async fn refresher(inner: Arc<Inner>, key: Key, entry: Arc<Entry>, tx
             let mut map = inner.entries.write();
             if map.get(&key).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
                 map.remove(&key);
+                inner.forget(&entry);
             }
             tracing::debug!(identity = %key.identity, resource = %key.resource, "dropped idle or removed resource");
             return; // dropping `tx` closes the channel for any straggler
         }
-        let (due, servable) = {
+        let (due, servable, retry_at) = {
             let slot = tx.borrow();
             let servable = slot.token.as_ref().is_some_and(|t| t.remaining(now) > min);
             match (&slot.failure, &slot.token) {
-                (Some(f), _) => (f.retry_at, servable),
-                (None, Some(t)) => (t.refresh_due(), servable),
-                (None, None) => (now, false),
+                (Some(f), _) => (f.retry_at, servable, Some(f.retry_at)),
+                (None, Some(t)) => (t.refresh_due(), servable, None),
+                (None, None) => (now, false, None),
             }
+        };
+        // A failed on-demand entry that nobody is waiting on is not retried: it waits for a caller (after
+        // its backoff) or idles out. Configured entries, and entries callers wait on, retry on schedule.
+        let waiting = tx.receiver_count() > 1; // the entry's own receiver plus one per waiting caller
+        let parked = !pinned && retry_at.is_some() && !servable && !waiting;
+        let due = match (parked, idle_at) {
+            (true, Some(idle)) => idle,
+            _ => due,
         };
         if now < due {
             let sleep_until = idle_at.map_or(due, |i| i.min(due));
@@ -125,6 +134,8 @@ pub(super) async fn refresher(inner: Arc<Inner>, key: Key, entry: Arc<Entry>, tx
                 Wake::Cancelled => return,
                 Wake::Timer => continue,
                 Wake::Caller if entry.reset.load(Ordering::SeqCst) => continue,
+                // Asked again once the backoff is over: retry now.
+                Wake::Caller if parked && retry_at.is_some_and(|r| Instant::now() >= r) => {}
                 // A caller found nothing servable. Fetch now unless we are backing off after a failure
                 // (callers must not be able to hammer the IdP through us) or a servable token appeared.
                 Wake::Caller if servable || tx.borrow().failure.is_some() => continue,

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 
 use super::*;
+use crate::caller::Caller;
 use crate::config::TokensConfig;
 use crate::credential::ClientCredential;
 use crate::identity::{Identities, test_identity};
@@ -60,6 +61,8 @@ fn policy(min_lifetime: u64) -> TokensConfig {
         min_lifetime: Duration::from_secs(min_lifetime),
         max_wait: Duration::from_secs(8),
         idle_timeout: Duration::from_secs(600),
+        max_on_demand_per_caller: 8,
+        max_on_demand: 12,
     }
 }
 
@@ -92,8 +95,12 @@ impl Harness {
     async fn get(&self, resource: &Resource) -> Result<(Arc<AccessToken>, bool), TokenError> {
         let snap = self.live.load();
         let id = snap.identities.select(None).expect("default identity").clone();
-        self.cache.get(&snap, &id, resource).await.map(|s| (s.token, s.cache_hit))
+        self.cache.get(&snap, &user(1000), &id, resource).await.map(|s| (s.token, s.cache_hit))
     }
+}
+
+fn user(uid: u32) -> Caller {
+    Caller::Known { uid, gid: None, pid: None, transport: crate::caller::Transport::Tcp }
 }
 
 fn res() -> Resource {
@@ -299,7 +306,7 @@ async fn no_entry_keeps_a_superseded_credential() {
     let new_fp = h.live.load().identities.select(None).expect("default").credential.fingerprint();
     assert_ne!(old_fp, new_fp);
     // ... and only then creates the entry of a resource nobody asked for yet.
-    let Served { token, .. } = h.cache.get(&before, &selected, &res()).await.expect("token");
+    let Served { token, .. } = h.cache.get(&before, &user(1000), &selected, &res()).await.expect("token");
     assert_eq!(token.secret(), "token-0");
     // Keep using it across several refreshes (600 s tokens refresh about every 270 s).
     for _ in 0..6 {
@@ -341,6 +348,63 @@ async fn removing_an_identity_stops_its_entries() {
     h.cache.apply(Some(&old));
     assert_eq!(h.cache.len(), 0);
     let other = Resource::parse("https://vault.azure.net").expect("valid");
-    assert!(matches!(h.cache.get(&before, &selected, &other).await, Err(TokenError::Unavailable { .. })));
+    assert!(matches!(h.cache.get(&before, &user(1000), &selected, &other).await, Err(TokenError::Unavailable { .. })));
     assert_eq!(fake.calls(), 1);
+}
+
+/// Bounded work: one caller cannot make tokend cache (and fetch) more than its share of on-demand
+/// resources; another caller is still served; configured resources do not count.
+#[tokio::test(start_paused = true)]
+async fn on_demand_resources_are_capped_per_caller_and_in_all() {
+    let fake = Fake::new(Duration::from_millis(10), vec![Ok(3600)]);
+    let h = Harness::new(fake.clone(), 300, &[res()]);
+    let snap = h.live.load();
+    let id = snap.identities.select(None).expect("default").clone();
+    let r = |i: usize| Resource::parse(&format!("https://r{i}.example")).expect("valid");
+    let mut refused = 0;
+    for i in 0..20 {
+        match h.cache.get(&snap, &user(1001), &id, &r(i)).await {
+            Ok(_) => {}
+            Err(TokenError::TooManyResources { limit: 8, key: "max_on_demand_per_caller", retry_after, .. }) => {
+                assert!(retry_after >= Duration::from_secs(1));
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(refused, 12, "8 per caller");
+    assert_eq!(fake.calls(), 1 + 8, "the configured resource and 8 on-demand ones");
+    // A resource it already has is still served; another caller is served; the total cap holds.
+    h.cache.get(&snap, &user(1001), &id, &r(0)).await.expect("cached");
+    for i in 100..104 {
+        h.cache.get(&snap, &user(1002), &id, &r(i)).await.expect("another caller is served");
+    }
+    match h.cache.get(&snap, &user(1003), &id, &r(200)).await {
+        Err(TokenError::TooManyResources { limit: 12, key: "max_on_demand", .. }) => {}
+        other => panic!("expected the total cap, got {other:?}"),
+    }
+    // Idle entries free their owner's share.
+    tokio::time::sleep(Duration::from_secs(601)).await;
+    tokio::task::yield_now().await;
+    h.cache.get(&snap, &user(1001), &id, &r(300)).await.expect("room again after idling out");
+}
+
+/// A failed on-demand entry is not retried when nobody asks: no IdP traffic without callers. Asked again
+/// after its backoff, it is retried.
+#[tokio::test(start_paused = true)]
+async fn failed_on_demand_entries_nobody_asks_for_are_not_retried() {
+    let rejected = FetchError::BadResource { status: 400, error: "invalid_scope".into() };
+    let busy = FetchError::ServerError { status: 503, retry_after: Some(Duration::from_secs(30)) };
+    let fake = Fake::new(Duration::from_millis(10), vec![Err(rejected), Err(busy), Ok(3600)]);
+    let h = Harness::new(fake.clone(), 300, &[]);
+    let r = |i: usize| Resource::parse(&format!("https://bad{i}.example")).expect("valid");
+    assert!(matches!(h.get(&r(0)).await, Err(TokenError::BadResource { .. })));
+    // A transient failure whose next attempt is further away than max_wait: answered at once.
+    assert!(matches!(h.get(&r(1)).await, Err(TokenError::Unavailable { .. })));
+    assert_eq!(fake.calls(), 2);
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(fake.calls(), 2, "no retries without callers");
+    // Asked again after the backoff: retried once, and served.
+    h.get(&r(1)).await.expect("retried when asked");
+    assert_eq!(fake.calls(), 3);
 }
