@@ -64,6 +64,43 @@ pub(crate) struct Access {
     pub(crate) unknown: Verdict,
     /// The rules, in file order.
     pub(crate) rules: Vec<Rule>,
+    /// Requests per caller (uid; unidentified callers share one budget), if limited.
+    pub(crate) rate_limit: Option<Rate>,
+}
+
+/// `rate_limit = "20/s"`: a token bucket per caller holding `count` requests, refilled at that rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rate {
+    /// Requests per period, and the burst.
+    pub(crate) count: std::num::NonZeroU32,
+    /// The period.
+    pub(crate) per: std::time::Duration,
+}
+
+impl Rate {
+    /// Parses `N/s`, `N/m` or `N/h` (N ≥ 1).
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        let (n, unit) = text.trim().split_once('/')?;
+        let count = n.trim().parse::<u32>().ok().and_then(std::num::NonZeroU32::new)?;
+        let secs = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return None,
+        };
+        Some(Self { count, per: std::time::Duration::from_secs(secs) })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
 }
 
 /// Why a request is refused; names no identity but the one asked for.
@@ -130,6 +167,16 @@ mod tests {
     use super::*;
     use crate::caller::{Transport, Unknown};
 
+    #[test]
+    fn rates() {
+        let r = Rate::parse(" 20/s ").expect("rate");
+        assert_eq!((r.count.get(), r.per.as_secs(), r.to_string()), (20, 1, "20/s".to_owned()));
+        assert_eq!(Rate::parse("600/m").map(|r| r.to_string()), Some("600/m".to_owned()));
+        for bad in ["0/s", "20", "20/d", "x/s", "-1/s"] {
+            assert!(Rate::parse(bad).is_none(), "{bad}");
+        }
+    }
+
     fn user(uid: u32, gid: Option<u32>) -> Caller {
         Caller::Known { uid, gid, pid: None, transport: Transport::Tcp }
     }
@@ -142,6 +189,7 @@ mod tests {
         Access {
             default,
             unknown: Verdict::Deny,
+            rate_limit: None,
             rules: vec![
                 Rule {
                     uids: vec![1001],

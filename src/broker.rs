@@ -5,23 +5,45 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::Rate;
+use crate::caller::Caller;
 use crate::config::{Config, ConfigError, IdentityHeaderSource};
 use crate::secret::{SecretFileError, constant_time_eq, random_secret, read_secret_file, readable_warning};
 use crate::snapshot::{Live, Snapshot};
 use crate::token::{PinnedState, TokenCache, TokenSource};
 
+/// Per-caller request budgets: one token bucket per uid (`None`: unidentified callers, together).
+type Limiter = governor::DefaultKeyedRateLimiter<Option<u32>>;
+
 /// Everything a request handler needs.
-#[derive(Debug)]
 pub(crate) struct Broker {
     /// The running configuration; a reload replaces it in one swap.
     live: Arc<Live>,
     cache: TokenCache,
     identity_header: SecretString,
+    /// `access.rate_limit` and its buckets; replaced (buckets reset) only when the rate changes.
+    limiter: RwLock<Option<(Rate, Arc<Limiter>)>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rate = self.limiter.read().as_ref().map(|(r, _)| r.to_string());
+        f.debug_struct("Broker").field("cache", &self.cache).field("rate_limit", &rate).finish_non_exhaustive()
+    }
+}
+
+fn limiter(config: &Config) -> Option<(Rate, Arc<Limiter>)> {
+    let rate = config.access.as_ref()?.rate_limit?;
+    let quota = governor::Quota::with_period(rate.per / rate.count.get())?.allow_burst(rate.count);
+    Some((rate, Arc::new(Limiter::keyed(quota))))
 }
 
 impl Broker {
@@ -36,7 +58,7 @@ impl Broker {
         let live = Arc::new(Live::new(Snapshot::new(config)));
         let cache = TokenCache::new(source, live.clone(), tracker.clone(), cancel.clone());
         cache.apply(None);
-        Arc::new(Self { live, cache, identity_header })
+        Arc::new(Self { live, cache, identity_header, limiter: RwLock::new(limiter(config)) })
     }
 
     /// The current configuration snapshot: a request takes it once and works on it throughout.
@@ -49,6 +71,23 @@ impl Broker {
     pub(crate) fn reload(&self, config: &Config) {
         let old = self.live.swap(Snapshot::new(config));
         self.cache.apply(Some(&old));
+        let rate = config.access.as_ref().and_then(|a| a.rate_limit);
+        let mut limiter_slot = self.limiter.write();
+        if limiter_slot.as_ref().map(|(r, _)| *r) != rate {
+            *limiter_slot = limiter(config);
+        }
+    }
+
+    /// Takes one request from `caller`'s budget; `Err` is how long until the next one is allowed.
+    pub(crate) fn check_rate(&self, caller: &Caller) -> Result<(), (Rate, Duration)> {
+        let Some((rate, limiter)) = self.limiter.read().clone() else { return Ok(()) };
+        let key = match caller {
+            Caller::Known { uid, .. } => Some(*uid),
+            Caller::Unknown(_) => None,
+        };
+        limiter.check_key(&key).map_err(|not_until| {
+            (rate, not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())))
+        })
     }
 
     /// The token cache.

@@ -4,7 +4,7 @@
 use super::ConfigError;
 use super::raw::{RawAccess, RawRule};
 use super::validate::Validator;
-use crate::access::{Access, Pattern, Rule, Verdict};
+use crate::access::{Access, Pattern, Rate, Rule, Verdict};
 use crate::identity::Identity;
 use crate::resource::Resource;
 
@@ -22,7 +22,13 @@ impl Validator<'_> {
         for (i, r) in raw.rule.into_iter().enumerate() {
             rules.push(self.rule(i, r, identities)?);
         }
-        Ok(Access { default, unknown, rules })
+        let rate_limit = match raw.rate_limit {
+            None => None,
+            Some(text) => Some(Rate::parse(&text).ok_or_else(|| {
+                self.err("access.rate_limit", format!("{text:?} is not a rate like \"20/s\", \"600/m\" or \"1000/h\""))
+            })?),
+        };
+        Ok(Access { default, unknown, rules, rate_limit })
     }
 
     fn rule(&self, i: usize, raw: RawRule, identities: &[Identity]) -> Result<Rule, ConfigError> {

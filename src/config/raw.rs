@@ -32,6 +32,8 @@ pub(super) struct RawAccess {
     pub default: Option<String>,
     /// `"deny"` (default) or `"allow"` for callers the kernel could not identify.
     pub unknown: Option<String>,
+    /// Requests per caller: `"20/s"`, `"600/m"`, `"1000/h"`.
+    pub rate_limit: Option<String>,
     /// `[[access.rule]]`
     #[serde(default)]
     pub rule: Vec<RawRule>,

@@ -214,3 +214,12 @@ fn access_policy_is_validated_and_names_resolved() {
         assert!(m.contains(needle) && m.contains("tokend.toml"), "{needle}: {m}");
     }
 }
+
+#[test]
+fn rate_limit_is_validated() {
+    let d = Dir::new();
+    let c = d.load(&format!("{MINIMAL}\n[access]\nrate_limit = \"20/s\"\n")).expect("valid");
+    assert_eq!(c.access.and_then(|a| a.rate_limit).map(|r| r.to_string()), Some("20/s".to_owned()));
+    let m = message(d.load(&format!("{MINIMAL}\n[access]\nrate_limit = \"fast\"\n")));
+    assert!(m.contains("access.rate_limit") && m.contains("20/s"), "{m}");
+}

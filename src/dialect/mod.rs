@@ -262,6 +262,16 @@ pub(crate) async fn answer(
         })?;
         tracing::debug!(%caller, identity = %identity.name, %resource, rule = ?rule, "allowed by access policy");
     }
+    if let Err((rate, wait)) = broker.check_rate(&caller) {
+        tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, "token request rate-limited");
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        return Err(RequestError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "too_many_requests",
+            description: format!("{caller} exceeds access.rate_limit ({rate}); retry in {secs}s"),
+            retry_after: Some(secs),
+        });
+    }
     let Served { token, cache_hit } = broker.cache().get(&snapshot, &caller, identity, &resource).await.map_err(|e| {
         tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
         RequestError::from(e)

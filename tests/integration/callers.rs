@@ -329,3 +329,32 @@ async fn one_caller_cannot_make_tokend_do_unbounded_work_upstream() {
     assert_eq!(idp.token_requests().await, after_rejections, "no IdP calls in 60 s without callers");
     assert!(served("tokendcaller", "https://storage.azure.com")["access_token"].is_string(), "still served");
 }
+
+/// `access.rate_limit`: one caller's burst gets 429 with an integer `Retry-After` beyond its bucket, while
+/// another uid is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_callers_burst_is_rate_limited_while_another_is_served() {
+    let idp = Idp::start(3600).await;
+    test_user("tokendcaller");
+    let mut o = Opts::new(&idp);
+    o.extra = "[access]\nrate_limit = \"5/s\"\n".into();
+    let t = Tokend::start(&o).await;
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..30 {
+        let r = t.imds(Q).await;
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                let retry = r.headers()["retry-after"].to_str().expect("ascii").parse::<u64>().expect("integer");
+                assert!(retry >= 1, "{retry}");
+                assert_eq!(r.json::<Value>().await.expect("json")["error"], "too_many_requests");
+                limited += 1;
+            }
+            other => panic!("unexpected {other}: {}", t.logs()),
+        }
+    }
+    eprintln!("30 back-to-back requests at 5/s: {ok} served, {limited} rate-limited");
+    assert!((5..=15).contains(&ok) && limited >= 15, "{ok} served, {limited} limited");
+    let other = curl_as("tokendcaller", &["-H", "Metadata: true", &t.imds_url("https://storage.azure.com")]);
+    assert!(other.contains("access_token"), "another uid has its own budget: {other}");
+}
