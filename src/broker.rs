@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::Rate;
+use crate::audit::AuditLog;
 use crate::caller::Caller;
 use crate::config::{Config, ConfigError, IdentityHeaderSource};
 use crate::secret::{SecretFileError, constant_time_eq, random_secret, read_secret_file, readable_warning};
@@ -31,6 +32,8 @@ pub(crate) struct Broker {
     identity_header: SecretString,
     /// `access.rate_limit` and its buckets; replaced (buckets reset) only when the rate changes.
     limiter: RwLock<Option<(Rate, Arc<Limiter>)>>,
+    /// `[audit]`, if configured.
+    audit: Option<AuditLog>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -51,6 +54,7 @@ impl Broker {
     pub(crate) fn start(
         config: &Config,
         identity_header: SecretString,
+        audit: Option<AuditLog>,
         source: Arc<dyn TokenSource>,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
@@ -58,7 +62,7 @@ impl Broker {
         let live = Arc::new(Live::new(Snapshot::new(config)));
         let cache = TokenCache::new(source, live.clone(), tracker.clone(), cancel.clone());
         cache.apply(None);
-        Arc::new(Self { live, cache, identity_header, limiter: RwLock::new(limiter(config)) })
+        Arc::new(Self { live, cache, identity_header, limiter: RwLock::new(limiter(config)), audit })
     }
 
     /// The current configuration snapshot: a request takes it once and works on it throughout.
@@ -88,6 +92,11 @@ impl Broker {
         limiter.check_key(&key).map_err(|not_until| {
             (rate, not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())))
         })
+    }
+
+    /// The audit log, if configured.
+    pub(crate) fn audit(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
     }
 
     /// The token cache.

@@ -152,6 +152,7 @@ fn dev_config(issuer: &DevIssuer, listen: SocketAddr) -> anyhow::Result<Config> 
         upstream: UpstreamConfig::default(),
         identities: vec![identity],
         access: None,
+        audit_path: None,
         warnings: Vec::new(),
         watched: Vec::new(),
     })

@@ -9,6 +9,7 @@
 //! needs: [`commands`], one function per subcommand, and [`Error`], which decides the exit code.
 
 mod access;
+mod audit;
 mod broker;
 mod caller;
 mod clock;

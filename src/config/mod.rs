@@ -151,6 +151,8 @@ pub(crate) struct Config {
     pub(crate) identities: Vec<Identity>,
     /// `[access]`; `None` when the file has none (every local caller may get every token).
     pub(crate) access: Option<Access>,
+    /// `[audit] path`, resolved.
+    pub(crate) audit_path: Option<PathBuf>,
     /// Things worth a warning that are not errors (e.g. a secret file others can read).
     pub(crate) warnings: Vec<String>,
     /// Credential files (secrets, certificates, passwords) whose change triggers a reload.

@@ -22,6 +22,16 @@ pub(super) struct RawConfig {
     pub identity: Vec<RawIdentity>,
     /// `[access]`: per-caller policy; absent, every local caller may get every token.
     pub access: Option<RawAccess>,
+    /// `[audit]`
+    pub audit: Option<RawAudit>,
+}
+
+/// `[audit]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    /// The JSON-lines file, appended to (created with mode 0640).
+    pub path: Option<PathBuf>,
 }
 
 /// `[access]`

@@ -223,3 +223,12 @@ fn rate_limit_is_validated() {
     let m = message(d.load(&format!("{MINIMAL}\n[access]\nrate_limit = \"fast\"\n")));
     assert!(m.contains("access.rate_limit") && m.contains("20/s"), "{m}");
 }
+
+#[test]
+fn audit_path_is_resolved_and_required() {
+    let d = Dir::new();
+    let c = d.load(&format!("{MINIMAL}\n[audit]\npath = \"audit.jsonl\"\n")).expect("valid");
+    assert_eq!(c.audit_path, Some(d.0.path().join("audit.jsonl")));
+    let m = message(d.load(&format!("{MINIMAL}\n[audit]\n")));
+    assert!(m.contains("audit.path") && m.contains("missing"), "{m}");
+}

@@ -75,6 +75,18 @@ impl<'a> Validator<'a> {
         };
         self.check_unambiguous(&identities)?;
         let access = raw.access.map(|a| self.access(a, &identities)).transpose()?;
+        let audit_path = match raw.audit {
+            None => None,
+            Some(a) => match a.path {
+                Some(p) if !p.as_os_str().is_empty() => Some(self.resolve(&p)),
+                _ => {
+                    return Err(self.err(
+                        "audit.path",
+                        "missing; give the audit log's file, e.g. \"/var/log/tokend/audit.jsonl\"",
+                    ));
+                }
+            },
+        };
         Ok(Config {
             source: self.path,
             server,
@@ -82,6 +94,7 @@ impl<'a> Validator<'a> {
             upstream,
             identities,
             access,
+            audit_path,
             warnings: self.warnings,
             watched: self.watched,
         })

@@ -20,6 +20,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::AuditLog;
 use crate::broker::{Broker, load_identity_header};
 use crate::config::{Config, ConfigError};
 use crate::error::Error;
@@ -38,6 +39,8 @@ pub(crate) struct Prepared {
     pub(crate) config: Config,
     /// The App Service identity header secret.
     pub(crate) identity_header: SecretString,
+    /// The audit log, opened.
+    pub(crate) audit: Option<AuditLog>,
 }
 
 /// Loads (or creates) the identity header, checks that the unix socket path is free or a socket, and
@@ -51,10 +54,18 @@ pub(crate) fn prepare(mut config: Config) -> Result<Prepared, ConfigError> {
             message,
         })?;
     }
+    let audit = match &config.audit_path {
+        None => None,
+        Some(path) => Some(AuditLog::open(path).map_err(|e| ConfigError::Invalid {
+            path: config.source.clone(),
+            key: "audit.path".to_owned(),
+            message: format!("cannot open {}: {e}", path.display()),
+        })?),
+    };
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    Ok(Prepared { config, identity_header })
+    Ok(Prepared { config, identity_header, audit })
 }
 
 /// Makes the process non-dumpable before it reads a secret: no core dumps, and processes of the same
@@ -90,13 +101,13 @@ pub(crate) async fn run(
     on_listening: impl FnOnce(&[SocketAddr]),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let Prepared { config, identity_header } = prepared;
+    let Prepared { config, identity_header, audit } = prepared;
     let source: Arc<dyn TokenSource> =
         Arc::new(IdpClient::new(&config.upstream).context("cannot set up the HTTPS client")?);
     let listeners = server::bind(&config.server).await?;
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(server::Listener::tcp_addr).collect();
     let described: Vec<String> = listeners.iter().map(server::Listener::describe).collect();
-    let broker = Broker::start(&config, identity_header, source, &tracker, &cancel);
+    let broker = Broker::start(&config, identity_header, audit, source, &tracker, &cancel);
     tracker.spawn(reload::run(reload_from, config.clone(), broker.clone(), cancel.clone()));
     let app = server::router(broker, HostPolicy::for_listen(&bound));
     let serving = tracker.spawn(server::serve(listeners, app, cancel.clone()));

@@ -9,6 +9,9 @@
 
 pub(crate) mod app_service;
 pub(crate) mod imds;
+mod query;
+
+pub(crate) use query::{TokenQuery, check_api_version, parse_query};
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -19,10 +22,10 @@ use axum::response::{IntoResponse, Response};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
+use crate::audit::Record;
 use crate::broker::Broker;
 use crate::caller::{Caller, Unknown};
 use crate::clock::unix_secs;
-use crate::identity::Selector;
 use crate::resource::Resource;
 use crate::token::{Served, TokenError};
 
@@ -121,104 +124,6 @@ impl From<TokenError> for RequestError {
     }
 }
 
-/// The parameters of a token request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct TokenQuery {
-    /// `api-version`
-    pub api_version: Option<String>,
-    /// `resource`, decoded, as the caller spelt it.
-    pub resource: Option<String>,
-    /// At most one identity selector.
-    pub selector: Option<Selector>,
-}
-
-const SELECTORS: &str = "client_id, object_id, principal_id, msi_res_id, mi_res_id";
-
-/// Parses a query string: rejects duplicates, bad percent-encoding and conflicting selectors; ignores
-/// parameters it does not know (clients add their own).
-pub(crate) fn parse_query(raw: Option<&str>) -> Result<TokenQuery, RequestError> {
-    let mut q = TokenQuery::default();
-    let mut seen: Vec<String> = Vec::new();
-    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let raw_name = pair.split('=').next().unwrap_or("");
-        if !percent_encoding_ok(pair) {
-            return Err(RequestError::bad_request(format!(
-                "query parameter {:?} has invalid percent-encoding",
-                raw_name.chars().take(64).collect::<String>()
-            )));
-        }
-        let Some((name, value)) = form_urlencoded::parse(pair.as_bytes()).next() else { continue };
-        if seen.iter().any(|s| *s == name) {
-            return Err(RequestError::bad_request(format!("query parameter {name:?} appears more than once")));
-        }
-        seen.push(name.to_string());
-        let value = value.into_owned();
-        let selector = match name.as_ref() {
-            "api-version" => {
-                q.api_version = Some(value);
-                continue;
-            }
-            "resource" => {
-                q.resource = Some(value);
-                continue;
-            }
-            _ if value.is_empty() => continue,
-            "client_id" => Selector::ClientId(value),
-            "object_id" | "principal_id" => Selector::ObjectId(value),
-            "msi_res_id" | "mi_res_id" => Selector::ResourceId(value),
-            _ => continue,
-        };
-        if q.selector.is_some() {
-            return Err(RequestError::bad_request(format!("give at most one of the identity selectors {SELECTORS}")));
-        }
-        q.selector = Some(selector);
-    }
-    Ok(q)
-}
-
-fn percent_encoding_ok(s: &str) -> bool {
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = |j: usize| b.get(j).is_some_and(u8::is_ascii_hexdigit);
-            if !hex(i + 1) || !hex(i + 2) {
-                return false;
-            }
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    true
-}
-
-/// Checks `api-version`: a date `YYYY-MM-DD` (optionally with a suffix such as `-preview`) not before `min`.
-pub(crate) fn check_api_version(v: Option<&str>, min: &str) -> Result<(), RequestError> {
-    let Some(v) = v else {
-        return Err(RequestError::bad_request(format!("query parameter api-version is required ({min} or later)")));
-    };
-    let date = v.get(..10).unwrap_or("");
-    let b = date.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
-    let shape = b.len() == 10 && b[4] == b'-' && b[7] == b'-' && digits(0..4) && digits(5..7) && digits(8..10);
-    let month_day_ok =
-        shape && (&date[5..7] >= "01" && &date[5..7] <= "12") && (&date[8..10] >= "01" && &date[8..10] <= "31");
-    let suffix_ok = v.len() == 10 || (v.len() <= 32 && v.get(10..).is_some_and(|s| s.starts_with('-')));
-    if !month_day_ok || !suffix_ok {
-        let shown: String = v.chars().take(40).collect();
-        return Err(RequestError::bad_request(format!(
-            "query parameter api-version {shown:?} is not a version date like {min}"
-        )));
-    }
-    if date < min {
-        return Err(RequestError::bad_request(format!(
-            "query parameter api-version {v:?} is not supported; use {min} or later"
-        )));
-    }
-    Ok(())
-}
-
 /// The success body: the superset every SDK accepts, every number a string.
 #[derive(Debug, Serialize)]
 struct TokenBody<'a> {
@@ -242,6 +147,54 @@ pub(crate) async fn answer(
 ) -> Result<Response, RequestError> {
     // No caller extension only in router unit tests: treat it as a failed lookup.
     let caller = caller.unwrap_or(Caller::Unknown(Unknown::LookupFailed));
+    let started = std::time::Instant::now();
+    let raw_resource = q.resource.clone();
+    let mut seen = Seen::default();
+    let result = decide(broker, &caller, dialect, q, &mut seen).await;
+    if let Some(log) = broker.audit() {
+        let (decision, status, reason) = match &result {
+            Ok(_) => ("issued", 200, None),
+            Err(e) if e.status == StatusCode::FORBIDDEN => ("denied", 403, Some(e.description.as_str())),
+            Err(e) if seen.rate_limited => ("rate_limited", e.status.as_u16(), Some(e.description.as_str())),
+            Err(e) => ("error", e.status.as_u16(), Some(e.description.as_str())),
+        };
+        let record = Record {
+            dialect: match dialect {
+                Dialect::Imds => "imds",
+                Dialect::AppService => "app_service",
+            },
+            identity: seen.identity.as_deref(),
+            resource: raw_resource.as_deref(),
+            decision,
+            rule: seen.rule,
+            cache: seen.cache_hit.map(|hit| if hit { "hit" } else { "fetch" }),
+            status,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            token: seen.token.as_deref(),
+            reason,
+        };
+        log.record(&caller, &record);
+    }
+    result
+}
+
+/// What `decide` got to, for the audit line.
+#[derive(Debug, Default)]
+struct Seen {
+    identity: Option<String>,
+    rule: Option<usize>,
+    rate_limited: bool,
+    cache_hit: Option<bool>,
+    token: Option<String>,
+}
+
+async fn decide(
+    broker: &Broker,
+    caller: &Caller,
+    dialect: Dialect,
+    q: TokenQuery,
+    seen: &mut Seen,
+) -> Result<Response, RequestError> {
     let raw_resource = q.resource.ok_or_else(|| RequestError::bad_request("query parameter resource is required"))?;
     let resource = Resource::parse(&raw_resource)
         .map_err(|e| RequestError::bad_request(format!("query parameter resource: {e}")))?;
@@ -250,8 +203,9 @@ pub(crate) async fn answer(
         .identities
         .select(q.selector.as_ref())
         .map_err(|e| RequestError::bad_request(format!("Identity not found: {e}")))?;
+    seen.identity = Some(identity.name.clone());
     if let Some(access) = &snapshot.access {
-        let rule = access.decide(&caller, &identity.name, &resource).map_err(|denied| {
+        seen.rule = access.decide(caller, &identity.name, &resource).map_err(|denied| {
             tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, reason = %denied, "token request denied");
             RequestError {
                 status: StatusCode::FORBIDDEN,
@@ -260,10 +214,11 @@ pub(crate) async fn answer(
                 retry_after: None,
             }
         })?;
-        tracing::debug!(%caller, identity = %identity.name, %resource, rule = ?rule, "allowed by access policy");
+        tracing::debug!(%caller, identity = %identity.name, %resource, rule = ?seen.rule, "allowed by access policy");
     }
-    if let Err((rate, wait)) = broker.check_rate(&caller) {
+    if let Err((rate, wait)) = broker.check_rate(caller) {
         tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, "token request rate-limited");
+        seen.rate_limited = true;
         let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         return Err(RequestError {
             status: StatusCode::TOO_MANY_REQUESTS,
@@ -272,11 +227,13 @@ pub(crate) async fn answer(
             retry_after: Some(secs),
         });
     }
-    let Served { token, cache_hit } = broker.cache().get(&snapshot, &caller, identity, &resource).await.map_err(|e| {
+    let Served { token, cache_hit } = broker.cache().get(&snapshot, caller, identity, &resource).await.map_err(|e| {
         tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
         RequestError::from(e)
     })?;
     tracing::debug!(%caller, identity = %identity.name, %resource, ?dialect, cache_hit, token = token.fingerprint(), "token served");
+    seen.cache_hit = Some(cache_hit);
+    seen.token = Some(token.fingerprint().to_owned());
     let now = unix_secs(SystemTime::now());
     let body = TokenBody {
         access_token: token.secret(),
@@ -313,6 +270,7 @@ pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a s
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::Selector;
 
     #[test]
     fn parses_raw_and_encoded_queries() {

@@ -198,6 +198,7 @@ mod tests {
         let broker = Broker::start(
             &config,
             "header-secret".to_owned().into(),
+            None,
             Arc::new(Fixed),
             &tokio_util::task::TaskTracker::new(),
             &CancellationToken::new(),

@@ -358,3 +358,57 @@ async fn one_callers_burst_is_rate_limited_while_another_is_served() {
     let other = curl_as("tokendcaller", &["-H", "Metadata: true", &t.imds_url("https://storage.azure.com")]);
     assert!(other.contains("access_token"), "another uid has its own budget: {other}");
 }
+
+/// `[audit]`: one JSON line per decision, field by field, and never a token or the secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_decision_is_audited_without_tokens() {
+    let idp = Idp::start(3600).await;
+    let mut o = Opts::new(&idp);
+    o.extra = "[access]\nrate_limit = \"3/m\"\n[[access.rule]]\nuids = [0]\nidentities = [\"default\"]\nresources = [\"https://storage.azure.com\", \"https://forbidden-1.example\"]\n[audit]\npath = \"audit.jsonl\"\n".into();
+    let t = Tokend::start(&o).await;
+    let issued = t.imds(Q).await.json::<Value>().await.expect("json");
+    let token = issued["access_token"].as_str().expect("token").to_owned();
+    assert_eq!(t.imds(Q).await.status(), 200);
+    assert_eq!(t.imds("api-version=2018-02-01&resource=https://vault.azure.net").await.status(), 403);
+    assert_eq!(t.imds("api-version=2018-02-01&resource=https://forbidden-1.example").await.status(), 400);
+    assert_eq!(
+        t.imds(Q).await.status(),
+        429,
+        "the fourth allowed request within a minute (3/m; the denied one took none)"
+    );
+    let path = t.dir.path().join("audit.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().count() >= 5 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!text.contains(&token) && !text.contains(SECRET), "no token, no secret in the audit log");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    let field = |i: usize, k: &str| lines[i][k].clone();
+    let expected = [
+        ("issued", 200, Some("fetch")),
+        ("issued", 200, Some("hit")),
+        ("denied", 403, None),
+        ("error", 400, None),
+        ("rate_limited", 429, None),
+    ];
+    for (i, (decision, status, cache)) in expected.into_iter().enumerate() {
+        assert_eq!(field(i, "decision"), decision, "line {i}: {}", lines[i]);
+        assert_eq!(field(i, "status"), status, "line {i}");
+        assert_eq!(field(i, "cache").as_str(), cache, "line {i}");
+        assert_eq!(field(i, "caller"), serde_json::json!({"uid": 0, "transport": "tcp"}), "line {i}");
+        assert_eq!((field(i, "dialect"), field(i, "identity")), ("imds".into(), "default".into()), "line {i}");
+        assert!(field(i, "latency_ms").as_f64().is_some_and(|ms| ms >= 0.0), "line {i}");
+        assert!(humantime::parse_rfc3339(field(i, "time").as_str().expect("time")).is_ok(), "line {i}");
+        assert_eq!(field(i, "reason").is_string(), decision != "issued", "line {i}");
+    }
+    assert_eq!(field(0, "rule"), 0);
+    assert_eq!(field(0, "resource"), "https://storage.azure.com");
+    assert!(field(0, "token").as_str().is_some_and(|f| f.starts_with("sha256:") && f.len() == 19), "{}", lines[0]);
+    assert_eq!(field(0, "token"), field(1, "token"), "the same cached token");
+    assert!(field(2, "reason").as_str().is_some_and(|r| r.contains("access.rule[0]")), "{}", lines[2]);
+}

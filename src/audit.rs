@@ -1,0 +1,206 @@
+//! The audit log (`[audit] path`): one JSON line per token decision — who asked (as the kernel says),
+//! which identity and resource, the decision and the rule that made it, cache hit or fetch, status,
+//! latency and the token's fingerprint, never the token.
+//!
+//! Written off the hot path: requests put lines on a bounded queue that one writer thread drains, so a
+//! slow or full disk never blocks a caller. A line that does not fit is dropped, counted, and logged
+//! (at the first drop, every power of two and every thousand, and the total at shutdown).
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::caller::{Caller, Transport, Unknown};
+
+/// Lines queued for the writer at most.
+const QUEUE: usize = 4096;
+
+/// An open audit log.
+#[derive(Debug)]
+pub(crate) struct AuditLog {
+    tx: SyncSender<String>,
+    dropped: Arc<AtomicU64>,
+    path: PathBuf,
+}
+
+/// Who asked, for the audit line.
+#[derive(Debug, Serialize)]
+struct CallerRecord {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transport: Option<&'static str>,
+    /// Why the caller is unknown, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unknown: Option<&'static str>,
+}
+
+impl From<&Caller> for CallerRecord {
+    fn from(c: &Caller) -> Self {
+        match c {
+            Caller::Known { uid, gid, pid, transport } => Self {
+                uid: Some(*uid),
+                gid: *gid,
+                pid: *pid,
+                transport: Some(match transport {
+                    Transport::Tcp => "tcp",
+                    Transport::Unix => "unix",
+                }),
+                unknown: None,
+            },
+            Caller::Unknown(why) => Self {
+                uid: None,
+                gid: None,
+                pid: None,
+                transport: None,
+                unknown: Some(match why {
+                    Unknown::Gone => "socket_gone",
+                    Unknown::NotFound => "no_such_socket",
+                    Unknown::LookupFailed => "lookup_failed",
+                }),
+            },
+        }
+    }
+}
+
+/// One decision.
+#[derive(Debug, Serialize)]
+pub(crate) struct Record<'a> {
+    /// `"imds"` or `"app_service"`.
+    pub(crate) dialect: &'static str,
+    /// The selected identity, when the request got that far.
+    pub(crate) identity: Option<&'a str>,
+    /// The resource as the caller spelt it.
+    pub(crate) resource: Option<&'a str>,
+    /// `"issued"`, `"denied"`, `"rate_limited"` or `"error"`.
+    pub(crate) decision: &'static str,
+    /// The `[[access.rule]]` that allowed it, if one did.
+    pub(crate) rule: Option<usize>,
+    /// `"hit"` or `"fetch"`, for issued tokens.
+    pub(crate) cache: Option<&'static str>,
+    /// The HTTP status answered.
+    pub(crate) status: u16,
+    /// Time from the parsed request to the answer.
+    pub(crate) latency_ms: f64,
+    /// The token's fingerprint (`sha256:` + 12 hex digits), for issued tokens.
+    pub(crate) token: Option<&'a str>,
+    /// Why it was refused, for anything but issued (the description the caller got).
+    pub(crate) reason: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    caller: CallerRecord,
+    #[serde(flatten)]
+    record: &'a Record<'a>,
+}
+
+impl AuditLog {
+    /// Opens `path` for appending (created with mode 0640) and starts the writer thread.
+    pub(crate) fn open(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).mode(0o640).open(path)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(QUEUE);
+        let shown = path.display().to_string();
+        std::thread::Builder::new().name("tokend-audit".into()).spawn(move || {
+            let mut out = io::BufWriter::new(file);
+            while let Ok(line) = rx.recv() {
+                let mut written = out.write_all(line.as_bytes());
+                // Flush when nothing else is queued: lines reach the file promptly, bursts are batched.
+                for more in rx.try_iter() {
+                    written = written.and_then(|()| out.write_all(more.as_bytes()));
+                }
+                if let Err(e) = written.and_then(|()| out.flush()) {
+                    tracing::error!(path = %shown, error = %e, "cannot write the audit log");
+                }
+            }
+        })?;
+        Ok(Self { tx, dropped: Arc::new(AtomicU64::new(0)), path: path.to_path_buf() })
+    }
+
+    /// Queues the line for one decision; never blocks.
+    pub(crate) fn record(&self, caller: &Caller, record: &Record<'_>) {
+        let line = Line {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            caller: caller.into(),
+            record,
+        };
+        let mut text = match serde_json::to_string(&line) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialise an audit line");
+                return;
+            }
+        };
+        text.push('\n');
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(text) {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() || n.is_multiple_of(1000) {
+                tracing::warn!(path = %self.path.display(), dropped_total = n, "audit log lines dropped: the writer cannot keep up");
+            }
+        }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        let n = self.dropped.load(Ordering::Relaxed);
+        if n > 0 {
+            tracing::warn!(path = %self.path.display(), dropped_total = n, "audit log lines were dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_json_line_per_decision() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).expect("open");
+        let caller = Caller::Known { uid: 1001, gid: Some(1001), pid: Some(42), transport: Transport::Unix };
+        let record = Record {
+            dialect: "imds",
+            identity: Some("default"),
+            resource: Some("https://storage.azure.com"),
+            decision: "issued",
+            rule: Some(0),
+            cache: Some("hit"),
+            status: 200,
+            latency_ms: 0.25,
+            token: Some("sha256:0123456789ab"),
+            reason: None,
+        };
+        log.record(&caller, &record);
+        log.record(&Caller::Unknown(Unknown::Gone), &Record { decision: "denied", status: 403, ..record });
+        drop(log);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let text = loop {
+            let text = std::fs::read_to_string(&path).expect("read");
+            if text.lines().count() == 2 || std::time::Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+        assert_eq!(lines[0]["caller"], serde_json::json!({"uid": 1001, "gid": 1001, "pid": 42, "transport": "unix"}));
+        assert_eq!((lines[0]["decision"].as_str(), lines[0]["rule"].as_u64()), (Some("issued"), Some(0)));
+        assert!(humantime::parse_rfc3339(lines[0]["time"].as_str().expect("time")).is_ok());
+        assert_eq!(lines[1]["caller"], serde_json::json!({"unknown": "socket_gone"}));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o640);
+    }
+}
