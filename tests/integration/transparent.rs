@@ -239,3 +239,52 @@ fn setup_and_teardown_manage_the_alias() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("tokend transparent-imds setup"), "{stderr}");
 }
+
+/// A caller in another network namespace is *unknown* to tokend (the kernel answers `sock_diag` only
+/// for tokend's own namespace) and gets `access.unknown`; it is never taken for root.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_from_another_network_namespace_is_unknown_and_denied() {
+    let idp = Idp::start(3600).await;
+    let ns = Netns::new();
+    // A veth pair between this (the host's) namespace and the client's: a private /30 of our own.
+    let n = NEXT.fetch_add(1, Ordering::SeqCst) % 200 + 20;
+    let (host_if, ns_if) =
+        (format!("tkd{}{n}h", std::process::id() % 10_000), format!("tkd{}{n}c", std::process::id() % 10_000));
+    let (host_ip, ns_ip) = (format!("10.254.{n}.1"), format!("10.254.{n}.2"));
+    let run = |args: &[&str]| {
+        let out = ip(args);
+        assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+    run(&["link", "set", &ns_if, "netns", &ns.name]);
+    run(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+    run(&["link", "set", &host_if, "up"]);
+    ns.ip(&["addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if]);
+    ns.ip(&["link", "set", &ns_if, "up"]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut o = Opts::new(&idp);
+    o.extra = "[access]\nunknown = \"deny\"\n".into();
+    let config = write_config(dir.path(), port, &o);
+    let text = std::fs::read_to_string(&config).expect("read").replace(
+        &format!("listen = [\"127.0.0.1:{port}\"]"),
+        &format!("listen = [\"127.0.0.1:{port}\", \"{host_ip}:{port}\"]\nallow_non_loopback = true"),
+    );
+    std::fs::write(&config, text).expect("write");
+    let t = Tokend::spawn(dir, config, port, &[]).await;
+
+    let url = format!(
+        "http://{host_ip}:{port}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://storage.azure.com"
+    );
+    let (status, body) = ns.curl(&["-H", "Metadata: true", &url]);
+    assert_eq!(status, 403, "{body}\n{}", t.logs());
+    assert!(body.contains("could not be identified"), "{body}");
+    assert!(t.logs().contains("caller=unknown (NotFound)"), "{}", t.logs());
+    assert_eq!(
+        t.imds("api-version=2018-02-01&resource=https://storage.azure.com").await.status(),
+        200,
+        "a local caller is served"
+    );
+    let _ = ip(&["link", "del", &host_if]);
+}
