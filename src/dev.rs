@@ -147,6 +147,7 @@ fn dev_config(issuer: &DevIssuer, listen: SocketAddr) -> anyhow::Result<Config> 
             listen: vec![listen],
             identity_header: IdentityHeaderSource::Generated,
             unix_socket: None,
+            max_connections_per_caller: 256,
         },
         tokens: TokensConfig::default(),
         upstream: UpstreamConfig::default(),

@@ -69,6 +69,8 @@ pub(crate) struct ServerConfig {
     pub(crate) identity_header: IdentityHeaderSource,
     /// A unix socket to serve on as well.
     pub(crate) unix_socket: Option<UnixSocketConfig>,
+    /// Open connections per caller (uid), over all listeners.
+    pub(crate) max_connections_per_caller: usize,
 }
 
 /// `[server] unix_socket` with its mode and group.

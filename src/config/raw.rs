@@ -89,6 +89,8 @@ pub(super) struct RawServer {
     pub socket_mode: Option<String>,
     /// The socket's group: a name or a numeric id, resolved when the configuration is loaded.
     pub socket_group: Option<String>,
+    /// Open connections per caller (uid), over all listeners (default 256).
+    pub max_connections_per_caller: Option<usize>,
 }
 
 /// `[tokens]`

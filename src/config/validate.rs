@@ -132,7 +132,14 @@ impl<'a> Validator<'a> {
         }
         let file = raw.identity_header_file.unwrap_or_else(|| PathBuf::from(DEFAULT_IDENTITY_HEADER_FILE));
         let unix_socket = self.unix_socket(raw.unix_socket, raw.socket_mode, raw.socket_group)?;
-        Ok(ServerConfig { listen, identity_header: IdentityHeaderSource::File(self.resolve(&file)), unix_socket })
+        let max_connections_per_caller =
+            self.count("server.max_connections_per_caller", raw.max_connections_per_caller, 256)?;
+        Ok(ServerConfig {
+            listen,
+            identity_header: IdentityHeaderSource::File(self.resolve(&file)),
+            unix_socket,
+            max_connections_per_caller,
+        })
     }
 
     /// `server.unix_socket`, `socket_mode` and `socket_group`. Whether the path is free is checked when

@@ -110,7 +110,11 @@ pub(crate) async fn run(
     let broker = Broker::start(&config, identity_header, audit, source, &tracker, &cancel);
     tracker.spawn(reload::run(reload_from, config.clone(), broker.clone(), cancel.clone()));
     let app = server::router(broker, HostPolicy::for_listen(&bound));
-    let serving = tracker.spawn(server::serve(listeners, app, cancel.clone()));
+    let limits = server::Limits {
+        max_connections_per_caller: config.server.max_connections_per_caller,
+        ..server::Limits::default()
+    };
+    let serving = tracker.spawn(server::serve(listeners, app, cancel.clone(), limits));
     let identities: Vec<&str> = config.identities.iter().map(|i| i.name.as_str()).collect();
     tracing::info!(listen = ?described, identities = ?identities, "tokend serving");
     on_listening(&bound);

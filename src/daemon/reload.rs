@@ -43,6 +43,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.server.unix_socket != new.server.unix_socket {
         out.push("server.unix_socket");
     }
+    if old.server.max_connections_per_caller != new.server.max_connections_per_caller {
+        out.push("server.max_connections_per_caller");
+    }
     if old.audit_path != new.audit_path {
         out.push("audit.path");
     }

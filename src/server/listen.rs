@@ -1,7 +1,7 @@
 //! Listening and serving: [`bind`] every listener (loopback TCP and an optional unix socket) before
 //! anything is served, then [`serve`] — tokend's own HTTP/1 accept loop (hyper): header-read timeout
 //! against slowloris, a per-listener connection limit and a graceful drain bounded by
-//! [`Limits::drain`]. Each connection's [`Caller`] is resolved here, once, before its first request is
+//! `Limits::drain`. Each connection's [`Caller`] is resolved here, once, before its first request is
 //! read, and handed to the handlers as a request extension.
 
 use std::io;
@@ -135,6 +135,8 @@ pub(crate) struct Limits {
     pub(crate) header_read_timeout: Duration,
     /// Open connections per listener; beyond it new connections are closed at once.
     pub(crate) max_connections: usize,
+    /// Open connections per caller (uid; unidentified callers together), over all listeners.
+    pub(crate) max_connections_per_caller: usize,
     /// Hard cap on a request head (hyper answers a bare 431 beyond it).
     pub(crate) max_head_bytes: usize,
     /// Grace for in-flight requests after shutdown starts.
@@ -146,6 +148,7 @@ impl Default for Limits {
         Self {
             header_read_timeout: Duration::from_secs(5),
             max_connections: 1024,
+            max_connections_per_caller: 256,
             max_head_bytes: 64 * 1024,
             drain: Duration::from_secs(10),
         }
@@ -154,12 +157,7 @@ impl Default for Limits {
 
 /// Serves `app` on every listener until `shutdown` is cancelled, then lets in-flight requests finish
 /// for at most `limits.drain`, and removes the unix socket.
-pub(crate) async fn serve(listeners: Vec<Listener>, app: Router, shutdown: CancellationToken) -> io::Result<()> {
-    serve_with(listeners, app, shutdown, Limits::default()).await
-}
-
-/// [`serve`] with explicit limits.
-pub(crate) async fn serve_with(
+pub(crate) async fn serve(
     listeners: Vec<Listener>,
     app: Router,
     shutdown: CancellationToken,
@@ -167,14 +165,16 @@ pub(crate) async fn serve_with(
 ) -> io::Result<()> {
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let callers = Arc::new(TcpCallers::default());
+    let per_caller = Arc::new(PerCaller::default());
     let mut sockets = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         if let Listener::Unix(_, path, ino) = &listener {
             sockets.push((path.clone(), *ino));
         }
-        let (app, stop, graceful, callers) = (app.clone(), shutdown.clone(), graceful.clone(), callers.clone());
-        tasks.spawn(accept_loop(listener, app, stop, graceful, callers, limits));
+        let (app, stop, graceful) = (app.clone(), shutdown.clone(), graceful.clone());
+        let (callers, per_caller) = (callers.clone(), per_caller.clone());
+        tasks.spawn(accept_loop(listener, app, stop, graceful, callers, per_caller, limits));
     }
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
@@ -203,6 +203,7 @@ async fn accept_loop(
     stop: CancellationToken,
     graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
     callers: Arc<TcpCallers>,
+    per_caller: Arc<PerCaller>,
     limits: Limits,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -235,6 +236,10 @@ async fn accept_loop(
             Pending::Tcp { peer, local } => callers.lookup(peer, local),
             Pending::Known(caller) => caller,
         };
+        let Some(slot) = per_caller.take(&caller, limits.max_connections_per_caller) else {
+            tracing::warn!(%peer, %caller, max = limits.max_connections_per_caller, "per-caller connection limit reached; closing a new connection");
+            continue;
+        };
         let service = tower::ServiceExt::map_request(app.clone(), move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(caller);
             req
@@ -245,8 +250,43 @@ async fn accept_loop(
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            drop(permit);
+            drop((permit, slot));
         });
+    }
+}
+
+/// Open connections per caller; a [`Slot`] gives its place back when the connection ends.
+#[derive(Debug, Default)]
+struct PerCaller(parking_lot::Mutex<std::collections::HashMap<Option<u32>, usize>>);
+
+/// One caller's open connection, counted until dropped.
+struct Slot(Arc<PerCaller>, Option<u32>);
+
+impl PerCaller {
+    fn take(self: &Arc<Self>, caller: &Caller, max: usize) -> Option<Slot> {
+        let key = match caller {
+            Caller::Known { uid, .. } => Some(*uid),
+            Caller::Unknown(_) => None,
+        };
+        let mut open = self.0.lock();
+        let n = open.entry(key).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(self.clone(), key))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.0.0.lock();
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -293,7 +333,7 @@ mod tests {
         let app = Router::new().route("/healthz", get(|| async { "alive" }));
         let stop = CancellationToken::new();
         let limits = Limits { max_connections: 3, ..Limits::default() };
-        let server = tokio::spawn(serve_with(vec![Listener::Tcp(listener)], app, stop.clone(), limits));
+        let server = tokio::spawn(serve(vec![Listener::Tcp(listener)], app, stop.clone(), limits));
         let mut idle = Vec::new();
         for _ in 0..3 {
             idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));

@@ -21,7 +21,7 @@ use crate::dialect::{Dialect, RequestError, app_service, imds};
 
 mod listen;
 
-pub(crate) use listen::{Listener, bind, check_unix_path, serve};
+pub(crate) use listen::{Limits, Listener, bind, check_unix_path, serve};
 
 /// Longest any request may take; callers are answered within `tokens.max_wait` well before this.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);

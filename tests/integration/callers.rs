@@ -412,3 +412,38 @@ async fn every_decision_is_audited_without_tokens() {
     assert_eq!(field(0, "token"), field(1, "token"), "the same cached token");
     assert!(field(2, "reason").as_str().is_some_and(|r| r.contains("access.rule[0]")), "{}", lines[2]);
 }
+
+/// `server.max_connections_per_caller`: one uid's idle connections cannot use up the listener; its next
+/// connection is closed at once while another uid is served, and it gets its place back when one closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_caller_cannot_hold_every_connection() {
+    use tokio::net::TcpStream;
+    let idp = Idp::start(3600).await;
+    test_user("tokendcaller");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = config_with(dir.path(), port, &Opts::new(&idp), "max_connections_per_caller = 3\n");
+    let t = Tokend::spawn(dir, config, port, &[]).await;
+    // Tokend::spawn's health checks may still hold pooled connections: wait until they idle out.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(t.addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = TcpStream::connect(t.addr).await.expect("connect");
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await.expect("closed at once");
+    assert!(matches!(n, Ok(0) | Err(_)), "the fourth connection of this uid is closed, not served");
+    let other = curl_as("tokendcaller", &["-H", "Metadata: true", &t.imds_url("https://storage.azure.com")]);
+    assert!(other.contains("access_token"), "another uid is served: {other}");
+    idle.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = TcpStream::connect(t.addr).await.expect("connect");
+    again.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.expect("write");
+    let mut answer = String::new();
+    again.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "a freed place is usable again: {answer}");
+    assert!(t.logs().contains("per-caller connection limit reached"), "{}", t.logs());
+}
