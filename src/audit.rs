@@ -3,7 +3,8 @@
 //! latency and the token's fingerprint, never the token.
 //!
 //! Written off the hot path: requests put lines on a bounded queue that one writer thread drains, so a
-//! slow or full disk never blocks a caller. A line that does not fit is dropped, counted, and logged
+//! slow or full disk never blocks a caller. The writer also adds the caller's user name: an NSS lookup
+//! (which can block) happens there, once per uid, never in a request. A line that does not fit is dropped, counted, and logged
 //! (at the first drop, every power of two and every thousand, and the total at shutdown).
 
 use std::fs::OpenOptions;
@@ -25,7 +26,7 @@ const QUEUE: usize = 4096;
 /// An open audit log.
 #[derive(Debug)]
 pub(crate) struct AuditLog {
-    tx: SyncSender<String>,
+    tx: SyncSender<serde_json::Value>,
     dropped: Arc<AtomicU64>,
     path: PathBuf,
 }
@@ -111,15 +112,16 @@ impl AuditLog {
     /// Opens `path` for appending (created with mode 0640) and starts the writer thread.
     pub(crate) fn open(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new().create(true).append(true).mode(0o640).open(path)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(QUEUE);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<serde_json::Value>(QUEUE);
         let shown = path.display().to_string();
         std::thread::Builder::new().name("tokend-audit".into()).spawn(move || {
             let mut out = io::BufWriter::new(file);
+            let mut users = Users::default();
             while let Ok(line) = rx.recv() {
-                let mut written = out.write_all(line.as_bytes());
+                let mut written = out.write_all(users.finish(line).as_bytes());
                 // Flush when nothing else is queued: lines reach the file promptly, bursts are batched.
                 for more in rx.try_iter() {
-                    written = written.and_then(|()| out.write_all(more.as_bytes()));
+                    written = written.and_then(|()| out.write_all(users.finish(more).as_bytes()));
                 }
                 if let Err(e) = written.and_then(|()| out.flush()) {
                     tracing::error!(path = %shown, error = %e, "cannot write the audit log");
@@ -136,20 +138,41 @@ impl AuditLog {
             caller: caller.into(),
             record,
         };
-        let mut text = match serde_json::to_string(&line) {
-            Ok(t) => t,
+        let value = match serde_json::to_value(&line) {
+            Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "cannot serialise an audit line");
                 return;
             }
         };
-        text.push('\n');
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(text) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(value) {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() || n.is_multiple_of(1000) {
                 tracing::warn!(path = %self.path.display(), dropped_total = n, "audit log lines dropped: the writer cannot keep up");
             }
         }
+    }
+}
+
+/// User names by uid, resolved in the writer thread and kept for the process's life.
+#[derive(Default)]
+struct Users(std::collections::HashMap<u32, Option<String>>);
+
+impl Users {
+    /// The line as text, with `caller.user` added when the uid has a name.
+    fn finish(&mut self, mut line: serde_json::Value) -> String {
+        let uid = line["caller"]["uid"].as_u64().and_then(|u| u32::try_from(u).ok());
+        if let Some(uid) = uid {
+            let name = self.0.entry(uid).or_insert_with(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
+            });
+            if let (Some(name), Some(caller)) = (name.as_ref(), line["caller"].as_object_mut()) {
+                caller.insert("user".to_owned(), serde_json::Value::String(name.clone()));
+            }
+        }
+        let mut text = line.to_string();
+        text.push('\n');
+        text
     }
 }
 
@@ -196,7 +219,12 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         };
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
-        assert_eq!(lines[0]["caller"], serde_json::json!({"uid": 1001, "gid": 1001, "pid": 42, "transport": "unix"}));
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(1001)).ok().flatten().map(|u| u.name);
+        let mut expected = serde_json::json!({"uid": 1001, "gid": 1001, "pid": 42, "transport": "unix"});
+        if let Some(name) = user {
+            expected["user"] = name.into();
+        }
+        assert_eq!(lines[0]["caller"], expected);
         assert_eq!((lines[0]["decision"].as_str(), lines[0]["rule"].as_u64()), (Some("issued"), Some(0)));
         assert!(humantime::parse_rfc3339(lines[0]["time"].as_str().expect("time")).is_ok());
         assert_eq!(lines[1]["caller"], serde_json::json!({"unknown": "socket_gone"}));

@@ -400,7 +400,7 @@ async fn every_decision_is_audited_without_tokens() {
         assert_eq!(field(i, "decision"), decision, "line {i}: {}", lines[i]);
         assert_eq!(field(i, "status"), status, "line {i}");
         assert_eq!(field(i, "cache").as_str(), cache, "line {i}");
-        assert_eq!(field(i, "caller"), serde_json::json!({"uid": 0, "transport": "tcp"}), "line {i}");
+        assert_eq!(field(i, "caller"), serde_json::json!({"uid": 0, "user": "root", "transport": "tcp"}), "line {i}");
         assert_eq!((field(i, "dialect"), field(i, "identity")), ("imds".into(), "default".into()), "line {i}");
         assert!(field(i, "latency_ms").as_f64().is_some_and(|ms| ms >= 0.0), "line {i}");
         assert!(humantime::parse_rfc3339(field(i, "time").as_str().expect("time")).is_ok(), "line {i}");

@@ -14,7 +14,17 @@ const Q: &str = "api-version=2018-02-01&resource=https://storage.azure.com";
 #[tokio::test(flavor = "multi_thread")]
 async fn slowloris_connections_do_not_starve_real_callers_and_are_cut_off() {
     let idp = Idp::start(3600).await;
-    let t = Tokend::start(&Opts::new(&idp).resources(&["https://storage.azure.com"])).await;
+    // The attacker and the real callers are one uid here (this test's), so lift the per-caller
+    // connection cap above the attack: this test is about the header-read timeout. (Across uids the cap
+    // itself protects others: callers::one_caller_cannot_hold_every_connection.)
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = write_config(dir.path(), port, &Opts::new(&idp).resources(&["https://storage.azure.com"]));
+    let text = std::fs::read_to_string(&config).expect("read");
+    let anchor = "identity_header_file = \"identity-header\"\n";
+    std::fs::write(&config, text.replace(anchor, &format!("{anchor}max_connections_per_caller = 1000\n")))
+        .expect("write");
+    let t = Tokend::spawn(dir, config, port, &[]).await;
     t.wait_ready(Duration::from_secs(10)).await;
     // 300 connections that never finish their request head.
     let mut slow = Vec::new();
