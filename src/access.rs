@@ -92,6 +92,40 @@ impl Rate {
     }
 }
 
+/// One token bucket per key, as [`Rate`] describes.
+pub(crate) struct Buckets<K: std::hash::Hash + Eq + Clone> {
+    rate: Rate,
+    limiter: governor::DefaultKeyedRateLimiter<K>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
+    /// Full buckets for `rate`.
+    pub(crate) fn new(rate: Rate) -> Self {
+        // `per / count` is at least 1 µs for any count a u32 holds and a period of a second or more.
+        let replenish = (rate.per / rate.count.get()).max(std::time::Duration::from_nanos(1));
+        let quota = governor::Quota::with_period(replenish).unwrap_or_else(|| governor::Quota::per_second(rate.count));
+        Self { rate, limiter: governor::RateLimiter::keyed(quota.allow_burst(rate.count)) }
+    }
+
+    /// The rate.
+    pub(crate) fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    /// Takes one from `key`'s bucket; `Err` is how long until the next one is there.
+    pub(crate) fn take(&self, key: &K) -> Result<(), std::time::Duration> {
+        self.limiter.check_key(key).map_err(|not_until| {
+            not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()))
+        })
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> std::fmt::Debug for Buckets<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buckets").field("rate", &self.rate.to_string()).finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Display for Rate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let unit = match self.per.as_secs() {

@@ -19,6 +19,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::caller::{Caller, Transport, Unknown};
+use crate::process::ProcessLookup;
 
 /// Lines queued for the writer at most.
 const QUEUE: usize = 4096;
@@ -26,9 +27,15 @@ const QUEUE: usize = 4096;
 /// An open audit log.
 #[derive(Debug)]
 pub(crate) struct AuditLog {
-    tx: SyncSender<serde_json::Value>,
+    tx: SyncSender<Queued>,
     dropped: Arc<AtomicU64>,
     path: PathBuf,
+}
+
+/// A line waiting for the writer, with the lookup of the caller's process if it is to be added.
+struct Queued {
+    line: serde_json::Value,
+    process: Option<Arc<ProcessLookup>>,
 }
 
 /// Who asked, for the audit line.
@@ -112,7 +119,7 @@ impl AuditLog {
     /// Opens `path` for appending (created with mode 0640) and starts the writer thread.
     pub(crate) fn open(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new().create(true).append(true).mode(0o640).open(path)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<serde_json::Value>(QUEUE);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Queued>(QUEUE);
         let shown = path.display().to_string();
         std::thread::Builder::new().name("tokend-audit".into()).spawn(move || {
             let mut out = io::BufWriter::new(file);
@@ -131,8 +138,9 @@ impl AuditLog {
         Ok(Self { tx, dropped: Arc::new(AtomicU64::new(0)), path: path.to_path_buf() })
     }
 
-    /// Queues the line for one decision; never blocks.
-    pub(crate) fn record(&self, caller: &Caller, record: &Record<'_>) {
+    /// Queues the line for one decision; never blocks. With `process`, the writer adds the caller's
+    /// pid, executable, unit and container (waiting for the lookup the request started).
+    pub(crate) fn record(&self, caller: &Caller, process: Option<Arc<ProcessLookup>>, record: &Record<'_>) {
         let line = Line {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             caller: caller.into(),
@@ -145,7 +153,9 @@ impl AuditLog {
                 return;
             }
         };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(value) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.tx.try_send(Queued { line: value, process })
+        {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() || n.is_multiple_of(1000) {
                 tracing::warn!(path = %self.path.display(), dropped_total = n, "audit log lines dropped: the writer cannot keep up");
@@ -159,8 +169,20 @@ impl AuditLog {
 struct Users(std::collections::HashMap<u32, Option<String>>);
 
 impl Users {
-    /// The line as text, with `caller.user` added when the uid has a name.
-    fn finish(&mut self, mut line: serde_json::Value) -> String {
+    /// The line as text, with `caller.user` added when the uid has a name, and what is known of the
+    /// caller's process.
+    fn finish(&mut self, queued: Queued) -> String {
+        let Queued { mut line, process } = queued;
+        if let (Some(p), Some(caller)) = (process.as_ref().and_then(|p| p.resolve()), line["caller"].as_object_mut()) {
+            caller.insert("pid".to_owned(), p.pid.into());
+            for (key, value) in
+                [("exe", &p.exe), ("command", &p.command), ("unit", &p.unit), ("container", &p.container)]
+            {
+                if let Some(v) = value {
+                    caller.insert(key.to_owned(), v.as_str().into());
+                }
+            }
+        }
         let uid = line["caller"]["uid"].as_u64().and_then(|u| u32::try_from(u).ok());
         if let Some(uid) = uid {
             let name = self.0.entry(uid).or_insert_with(|| {
@@ -207,13 +229,17 @@ mod tests {
             token: Some("sha256:0123456789ab"),
             reason: None,
         };
-        log.record(&caller, &record);
-        log.record(&Caller::Unknown(Unknown::Gone), &Record { decision: "denied", status: 403, ..record });
+        log.record(&caller, None, &record);
+        log.record(&Caller::Unknown(Unknown::Gone), None, &Record { decision: "denied", status: 403, ..record });
+        let me = nix::unistd::geteuid().as_raw();
+        let pid = i32::try_from(std::process::id()).expect("pid");
+        let mine = Caller::Known { uid: me, gid: None, pid: None, transport: Transport::Tcp };
+        log.record(&mine, Some(Arc::new(ProcessLookup::new(me, Some(pid), None))), &record);
         drop(log);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let text = loop {
             let text = std::fs::read_to_string(&path).expect("read");
-            if text.lines().count() == 2 || std::time::Instant::now() > deadline {
+            if text.lines().count() == 3 || std::time::Instant::now() > deadline {
                 break text;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -228,6 +254,11 @@ mod tests {
         assert_eq!((lines[0]["decision"].as_str(), lines[0]["rule"].as_u64()), (Some("issued"), Some(0)));
         assert!(humantime::parse_rfc3339(lines[0]["time"].as_str().expect("time")).is_ok());
         assert_eq!(lines[1]["caller"], serde_json::json!({"unknown": "socket_gone"}));
+        // With a process lookup: the pid, executable and command of this test process.
+        assert_eq!(lines[2]["caller"]["pid"], pid);
+        let exe = std::env::current_exe().expect("exe");
+        assert_eq!(lines[2]["caller"]["exe"].as_str(), exe.to_str());
+        assert!(lines[2]["caller"]["command"].is_string(), "{}", lines[2]);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o640);
     }

@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access::Rate;
+use crate::access::{Buckets, Rate};
 use crate::audit::AuditLog;
 use crate::caller::Caller;
 use crate::config::{Config, ConfigError, IdentityHeaderSource};
@@ -22,7 +22,7 @@ use crate::snapshot::{Live, Snapshot};
 use crate::token::{PinnedState, TokenCache, TokenSource};
 
 /// Per-caller request budgets: one token bucket per uid (`None`: unidentified callers, together).
-type Limiter = governor::DefaultKeyedRateLimiter<Option<u32>>;
+type Limiter = Buckets<Option<u32>>;
 
 /// Everything a request handler needs.
 pub(crate) struct Broker {
@@ -31,22 +31,20 @@ pub(crate) struct Broker {
     cache: TokenCache,
     identity_header: SecretString,
     /// `access.rate_limit` and its buckets; replaced (buckets reset) only when the rate changes.
-    limiter: RwLock<Option<(Rate, Arc<Limiter>)>>,
+    limiter: RwLock<Option<Arc<Limiter>>>,
     /// `[audit]`, if configured.
     audit: Option<AuditLog>,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rate = self.limiter.read().as_ref().map(|(r, _)| r.to_string());
+        let rate = self.limiter.read().as_ref().map(|b| b.rate().to_string());
         f.debug_struct("Broker").field("cache", &self.cache).field("rate_limit", &rate).finish_non_exhaustive()
     }
 }
 
-fn limiter(config: &Config) -> Option<(Rate, Arc<Limiter>)> {
-    let rate = config.access.as_ref()?.rate_limit?;
-    let quota = governor::Quota::with_period(rate.per / rate.count.get())?.allow_burst(rate.count);
-    Some((rate, Arc::new(Limiter::keyed(quota))))
+fn limiter(config: &Config) -> Option<Arc<Limiter>> {
+    Some(Arc::new(Buckets::new(config.access.as_ref()?.rate_limit?)))
 }
 
 impl Broker {
@@ -77,21 +75,19 @@ impl Broker {
         self.cache.apply(Some(&old));
         let rate = config.access.as_ref().and_then(|a| a.rate_limit);
         let mut limiter_slot = self.limiter.write();
-        if limiter_slot.as_ref().map(|(r, _)| *r) != rate {
+        if limiter_slot.as_ref().map(|b| b.rate()) != rate {
             *limiter_slot = limiter(config);
         }
     }
 
     /// Takes one request from `caller`'s budget; `Err` is how long until the next one is allowed.
     pub(crate) fn check_rate(&self, caller: &Caller) -> Result<(), (Rate, Duration)> {
-        let Some((rate, limiter)) = self.limiter.read().clone() else { return Ok(()) };
+        let Some(limiter) = self.limiter.read().clone() else { return Ok(()) };
         let key = match caller {
             Caller::Known { uid, .. } => Some(*uid),
             Caller::Unknown(_) => None,
         };
-        limiter.check_key(&key).map_err(|not_until| {
-            (rate, not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())))
-        })
+        limiter.take(&key).map_err(|wait| (limiter.rate(), wait))
     }
 
     /// The audit log, if configured.

@@ -89,8 +89,9 @@ pub(crate) struct TcpCallers {
 }
 
 impl TcpCallers {
-    /// The owner of the client socket `peer` connected to our `local` address.
-    pub(crate) fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Caller {
+    /// The owner of the client socket `peer` connected to our `local` address, and that socket's inode
+    /// when the caller is known.
+    pub(crate) fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> (Caller, Option<u32>) {
         let mut guard = self.socket.lock();
         let answer = match guard.as_mut() {
             Some(socket) => exact_lookup(socket, peer, local),
@@ -106,12 +107,14 @@ impl TcpCallers {
             }),
         };
         match answer {
-            Ok(Some((0, 0))) => Caller::Unknown(Unknown::Gone),
-            Ok(Some((uid, _inode))) => Caller::Known { uid, gid: None, pid: None, transport: Transport::Tcp },
-            Ok(None) => Caller::Unknown(Unknown::NotFound),
+            Ok(Some((0, 0))) => (Caller::Unknown(Unknown::Gone), None),
+            Ok(Some((uid, inode))) => {
+                (Caller::Known { uid, gid: None, pid: None, transport: Transport::Tcp }, Some(inode))
+            }
+            Ok(None) => (Caller::Unknown(Unknown::NotFound), None),
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "sock_diag lookup failed");
-                Caller::Unknown(Unknown::LookupFailed)
+                (Caller::Unknown(Unknown::LookupFailed), None)
             }
         }
     }
@@ -175,13 +178,17 @@ mod tests {
         let (server, peer) = listener.accept().await.expect("accept");
         let callers = TcpCallers::default();
         let uid = nix::unistd::geteuid().as_raw();
-        let caller = callers.lookup(peer, server.local_addr().expect("local"));
+        let (caller, inode) = callers.lookup(peer, server.local_addr().expect("local"));
         assert_eq!(caller, Caller::Known { uid, gid: None, pid: None, transport: Transport::Tcp });
+        assert!(inode.is_some_and(|i| i != 0), "the client socket's inode");
         // Reused socket, same answer.
-        assert_eq!(callers.lookup(peer, server.local_addr().expect("local")), caller);
+        assert_eq!(callers.lookup(peer, server.local_addr().expect("local")), (caller, inode));
         // A port nobody uses: no such socket.
         let nobody = SocketAddr::from(([127, 0, 0, 1], 9));
-        assert_eq!(callers.lookup(nobody, server.local_addr().expect("local")), Caller::Unknown(Unknown::NotFound));
+        assert_eq!(
+            callers.lookup(nobody, server.local_addr().expect("local")),
+            (Caller::Unknown(Unknown::NotFound), None)
+        );
         drop(client);
     }
 
@@ -198,7 +205,7 @@ mod tests {
         assert_eq!(server.read(&mut buf).await.expect("eof"), 0);
         drop(server);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert_eq!(TcpCallers::default().lookup(peer, local), Caller::Unknown(Unknown::Gone));
+        assert_eq!(TcpCallers::default().lookup(peer, local), (Caller::Unknown(Unknown::Gone), None));
     }
 
     #[tokio::test]

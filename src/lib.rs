@@ -10,6 +10,8 @@
 
 mod access;
 mod audit;
+#[doc(hidden)]
+pub mod bench;
 mod broker;
 mod caller;
 mod clock;
@@ -23,6 +25,7 @@ mod error;
 mod identity;
 mod idp;
 mod net;
+mod process;
 mod resource;
 mod secret;
 mod server;

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::access::Access;
+use crate::access::{Access, Rate};
 use crate::identity::Identity;
 use raw::RawConfig;
 use validate::Validator;
@@ -87,6 +87,11 @@ pub(crate) struct UnixSocketConfig {
 /// The default `socket_mode`: the owner and the socket's group may connect.
 pub(crate) const DEFAULT_SOCKET_MODE: u32 = 0o660;
 
+/// `tokens.on_demand_rate` by default: a burst as large as `max_on_demand_per_caller`'s default, then
+/// about one new resource a second.
+pub(crate) const DEFAULT_ON_DEMAND_RATE: Rate =
+    Rate { count: std::num::NonZeroU32::new(64).expect("non-zero"), per: Duration::from_secs(60) };
+
 /// Where the App Service identity header secret lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum IdentityHeaderSource {
@@ -109,6 +114,8 @@ pub(crate) struct TokensConfig {
     pub(crate) max_on_demand_per_caller: usize,
     /// On-demand resources cached at once, all callers together; beyond it, 429.
     pub(crate) max_on_demand: usize,
+    /// How fast one caller may add new on-demand resources (a token bucket per caller); beyond it, 429.
+    pub(crate) on_demand_rate: Rate,
 }
 
 impl Default for TokensConfig {
@@ -119,6 +126,7 @@ impl Default for TokensConfig {
             idle_timeout: Duration::from_secs(1800),
             max_on_demand_per_caller: 64,
             max_on_demand: 1024,
+            on_demand_rate: DEFAULT_ON_DEMAND_RATE,
         }
     }
 }

@@ -107,6 +107,8 @@ pub(super) struct RawTokens {
     pub max_on_demand_per_caller: Option<usize>,
     /// On-demand resources cached at once, all callers together (default 1024).
     pub max_on_demand: Option<usize>,
+    /// How fast one caller may add new on-demand resources, `N/s|m|h` (default `64/m`).
+    pub on_demand_rate: Option<String>,
 }
 
 /// `[upstream]`

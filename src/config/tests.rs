@@ -225,6 +225,17 @@ fn rate_limit_is_validated() {
 }
 
 #[test]
+fn on_demand_rate_is_validated() {
+    let d = Dir::new();
+    let c = d.load(MINIMAL).expect("valid");
+    assert_eq!(c.tokens.on_demand_rate.to_string(), "64/m", "the default");
+    let c = d.load(&format!("[tokens]\non_demand_rate = \"2/s\"\n{MINIMAL}")).expect("valid");
+    assert_eq!(c.tokens.on_demand_rate.to_string(), "2/s");
+    let m = message(d.load(&format!("[tokens]\non_demand_rate = \"0/s\"\n{MINIMAL}")));
+    assert!(m.contains("tokens.on_demand_rate") && m.contains("64/m"), "{m}");
+}
+
+#[test]
 fn audit_path_is_resolved_and_required() {
     let d = Dir::new();
     let c = d.load(&format!("{MINIMAL}\n[audit]\npath = \"audit.jsonl\"\n")).expect("valid");

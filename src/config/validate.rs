@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::raw::{RawConfig, RawServer, RawTokens, RawUpstream};
 use super::{Config, ConfigError, DEFAULT_IDENTITY_HEADER_FILE, DEFAULT_LISTEN, IdentityHeaderSource, ServerConfig};
 use super::{DEFAULT_SOCKET_MODE, TokensConfig, UnixSocketConfig, UpstreamConfig};
+use crate::access::Rate;
 use crate::identity::Identity;
 use crate::net::{host_is_loopback, is_imds_ip};
 
@@ -230,6 +231,15 @@ impl<'a> Validator<'a> {
                 64,
             )?,
             max_on_demand: self.count("tokens.max_on_demand", raw.max_on_demand, 1024)?,
+            on_demand_rate: match raw.on_demand_rate.as_deref() {
+                None => super::DEFAULT_ON_DEMAND_RATE,
+                Some(text) => Rate::parse(text).ok_or_else(|| {
+                    self.err(
+                        "tokens.on_demand_rate",
+                        format!("{text:?} is not a rate like \"64/m\", \"2/s\" or \"500/h\""),
+                    )
+                })?,
+            },
         })
     }
 

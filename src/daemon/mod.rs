@@ -107,11 +107,13 @@ pub(crate) async fn run(
     let listeners = server::bind(&config.server).await?;
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(server::Listener::tcp_addr).collect();
     let described: Vec<String> = listeners.iter().map(server::Listener::describe).collect();
+    let lookup_processes = audit.is_some();
     let broker = Broker::start(&config, identity_header, audit, source, &tracker, &cancel);
     tracker.spawn(reload::run(reload_from, config.clone(), broker.clone(), cancel.clone()));
     let app = server::router(broker, HostPolicy::for_listen(&bound));
     let limits = server::Limits {
         max_connections_per_caller: config.server.max_connections_per_caller,
+        lookup_processes,
         ..server::Limits::default()
     };
     let serving = tracker.spawn(server::serve(listeners, app, cancel.clone(), limits));

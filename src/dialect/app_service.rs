@@ -3,14 +3,12 @@
 
 use std::sync::Arc;
 
-use axum::Extension;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
-use super::{Dialect, RequestError, answer, check_api_version, parse_query};
+use super::{Asker, Dialect, RequestError, answer, check_api_version, parse_query};
 use crate::broker::Broker;
-use crate::caller::Caller;
 
 /// The path `IDENTITY_ENDPOINT` names.
 pub(crate) const PATH: &str = "/msi/token";
@@ -24,11 +22,11 @@ pub(crate) const HEADER: &str = "x-identity-header";
 /// The handler.
 pub(crate) async fn token(
     State(broker): State<Arc<Broker>>,
-    caller: Option<Extension<Caller>>,
+    asker: Asker,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    match handle(&broker, caller.map(|c| c.0), &headers, query.as_deref()).await {
+    match handle(&broker, asker, &headers, query.as_deref()).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::AppService),
     }
@@ -36,7 +34,7 @@ pub(crate) async fn token(
 
 async fn handle(
     broker: &Broker,
-    caller: Option<Caller>,
+    asker: Asker,
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Response, RequestError> {
@@ -57,5 +55,5 @@ async fn handle(
     }
     let q = parse_query(query)?;
     check_api_version(q.api_version.as_deref(), MIN_API_VERSION)?;
-    answer(broker, caller, Dialect::AppService, q).await
+    answer(broker, asker, Dialect::AppService, q).await
 }

@@ -2,14 +2,12 @@
 
 use std::sync::Arc;
 
-use axum::Extension;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::{Dialect, RequestError, answer, check_api_version, header_str, parse_query};
+use super::{Asker, Dialect, RequestError, answer, check_api_version, header_str, parse_query};
 use crate::broker::Broker;
-use crate::caller::Caller;
 
 /// The path every IMDS client calls.
 pub(crate) const PATH: &str = "/metadata/identity/oauth2/token";
@@ -22,11 +20,11 @@ pub(crate) const MIN_API_VERSION: &str = "2018-02-01";
 /// once; so does one that a proxy forwarded (IMDS's SSRF rule).
 pub(crate) async fn token(
     State(broker): State<Arc<Broker>>,
-    caller: Option<Extension<Caller>>,
+    asker: Asker,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    match handle(&broker, caller.map(|c| c.0), &headers, query.as_deref()).await {
+    match handle(&broker, asker, &headers, query.as_deref()).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::Imds),
     }
@@ -34,7 +32,7 @@ pub(crate) async fn token(
 
 async fn handle(
     broker: &Broker,
-    caller: Option<Caller>,
+    asker: Asker,
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Response, RequestError> {
@@ -53,5 +51,5 @@ async fn handle(
     }
     let q = parse_query(query)?;
     check_api_version(q.api_version.as_deref(), MIN_API_VERSION)?;
-    answer(broker, caller, Dialect::Imds, q).await
+    answer(broker, asker, Dialect::Imds, q).await
 }

@@ -13,10 +13,14 @@ mod query;
 
 pub(crate) use query::{TokenQuery, check_api_version, parse_query};
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use secrecy::{ExposeSecret, SecretString};
@@ -26,8 +30,12 @@ use crate::audit::Record;
 use crate::broker::Broker;
 use crate::caller::{Caller, Unknown};
 use crate::clock::unix_secs;
+use crate::process::ProcessLookup;
 use crate::resource::Resource;
 use crate::token::{Served, TokenError};
+
+/// How long the first answer on a connection waits for the caller's process lookup (audit log only).
+const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Which dialect answers: decides the error body's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,8 +104,7 @@ impl From<TokenError> for RequestError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 code: "temporarily_unavailable",
                 description,
-                // Integer seconds, rounded up, at least 1.
-                retry_after: Some((retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1)),
+                retry_after: Some(whole_seconds(retry_after)),
             },
             TokenError::CredentialRejected { .. } => Self {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -108,11 +115,11 @@ impl From<TokenError> for RequestError {
             TokenError::BadResource { .. } => {
                 Self { status: StatusCode::BAD_REQUEST, code: "invalid_resource", description, retry_after: None }
             }
-            TokenError::TooManyResources { retry_after, .. } => Self {
+            TokenError::TooManyResources { retry_after, .. } | TokenError::AddingTooFast { retry_after, .. } => Self {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 code: "too_many_requests",
                 description,
-                retry_after: Some(retry_after.as_secs().max(1)),
+                retry_after: Some(whole_seconds(retry_after)),
             },
             TokenError::Failed { .. } => Self {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -122,6 +129,11 @@ impl From<TokenError> for RequestError {
             },
         }
     }
+}
+
+/// `Retry-After` seconds: an integer, rounded up, at least 1.
+fn whole_seconds(d: std::time::Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 /// The success body: the superset every SDK accepts, every number a string.
@@ -138,19 +150,51 @@ struct TokenBody<'a> {
     token_type: &'static str,
 }
 
+/// Who is asking: the connection's [`Caller`] and, when the audit log wants it, the lookup of its
+/// process (both request extensions set by the accept loop).
+#[derive(Debug, Clone)]
+pub(crate) struct Asker {
+    caller: Caller,
+    process: Option<Arc<ProcessLookup>>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Asker {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self {
+            // No caller extension only in router unit tests: treat it as a failed lookup.
+            caller: parts.extensions.get::<Caller>().copied().unwrap_or(Caller::Unknown(Unknown::LookupFailed)),
+            process: parts.extensions.get::<Arc<ProcessLookup>>().cloned(),
+        })
+    }
+}
+
 /// Resolves the identity and resource of a parsed query and answers with a token or an error.
 pub(crate) async fn answer(
     broker: &Broker,
-    caller: Option<Caller>,
+    asker: Asker,
     dialect: Dialect,
     q: TokenQuery,
 ) -> Result<Response, RequestError> {
-    // No caller extension only in router unit tests: treat it as a failed lookup.
-    let caller = caller.unwrap_or(Caller::Unknown(Unknown::LookupFailed));
+    let Asker { caller, process } = asker;
+    let process = process.filter(|_| broker.audit().is_some());
+    // The process is looked up once per connection, on a blocking thread, alongside the decision; the
+    // first answer on a connection waits for it (at most PROCESS_WAIT), because a client that has its
+    // answer may close and exit at once, and then there is nothing left to look up.
+    let lookup = process.as_ref().filter(|p| p.claim()).map(|p| {
+        let p = p.clone();
+        tokio::task::spawn_blocking(move || p.resolve().map(|_| ()))
+    });
     let started = std::time::Instant::now();
     let raw_resource = q.resource.clone();
     let mut seen = Seen::default();
     let result = decide(broker, &caller, dialect, q, &mut seen).await;
+    if let Some(lookup) = lookup
+        && tokio::time::timeout(PROCESS_WAIT, lookup).await.is_err()
+    {
+        tracing::debug!(%caller, "the caller's process lookup is slow; answering without waiting for it");
+    }
     if let Some(log) = broker.audit() {
         let (decision, status, reason) = match &result {
             Ok(_) => ("issued", 200, None),
@@ -173,7 +217,7 @@ pub(crate) async fn answer(
             token: seen.token.as_deref(),
             reason,
         };
-        log.record(&caller, &record);
+        log.record(&caller, process, &record);
     }
     result
 }
@@ -219,7 +263,7 @@ async fn decide(
     if let Err((rate, wait)) = broker.check_rate(caller) {
         tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, "token request rate-limited");
         seen.rate_limited = true;
-        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        let secs = whole_seconds(wait);
         return Err(RequestError {
             status: StatusCode::TOO_MANY_REQUESTS,
             code: "too_many_requests",

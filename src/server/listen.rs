@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::caller::{Caller, TcpCallers};
 use crate::config::{ServerConfig, UnixSocketConfig};
+use crate::process::ProcessLookup;
 
 /// A bound listener.
 #[derive(Debug)]
@@ -141,6 +142,9 @@ pub(crate) struct Limits {
     pub(crate) max_head_bytes: usize,
     /// Grace for in-flight requests after shutdown starts.
     pub(crate) drain: Duration,
+    /// Prepare a lookup of each known caller's process (pid, executable, unit, container) for the
+    /// audit log; it runs only when a request needs it, once per connection.
+    pub(crate) lookup_processes: bool,
 }
 
 impl Default for Limits {
@@ -151,6 +155,7 @@ impl Default for Limits {
             max_connections_per_caller: 256,
             max_head_bytes: 64 * 1024,
             drain: Duration::from_secs(10),
+            lookup_processes: false,
         }
     }
 }
@@ -232,16 +237,25 @@ async fn accept_loop(
             continue;
         };
         // The caller, once per connection, before its first request is read.
-        let caller = match caller {
+        let (caller, inode) = match caller {
             Pending::Tcp { peer, local } => callers.lookup(peer, local),
-            Pending::Known(caller) => caller,
+            Pending::Known(caller) => (caller, None),
         };
         let Some(slot) = per_caller.take(&caller, limits.max_connections_per_caller) else {
             tracing::warn!(%peer, %caller, max = limits.max_connections_per_caller, "per-caller connection limit reached; closing a new connection");
             continue;
         };
+        let process = match caller {
+            Caller::Known { uid, pid, .. } if limits.lookup_processes => {
+                Some(Arc::new(ProcessLookup::new(uid, pid, inode)))
+            }
+            _ => None,
+        };
         let service = tower::ServiceExt::map_request(app.clone(), move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(caller);
+            if let Some(p) = &process {
+                req.extensions_mut().insert(p.clone());
+            }
             req
         });
         let service = hyper_util::service::TowerToHyperService::new(service);

@@ -155,6 +155,17 @@ pub(crate) enum TokenError {
         /// When to try again.
         retry_after: Duration,
     },
+    /// The caller adds new on-demand resources faster than `tokens.on_demand_rate` allows: 429.
+    #[error(
+        "this caller is adding new on-demand resources faster than tokens.on_demand_rate ({rate}) allows; \
+         resources it already has are still served"
+    )]
+    AddingTooFast {
+        /// The rate, as configured.
+        rate: String,
+        /// When the next one may be added.
+        retry_after: Duration,
+    },
     /// Any other failure that will not go away by retrying soon (5xx).
     #[error("identity {identity:?}: {cause}")]
     Failed {

@@ -330,6 +330,35 @@ async fn one_caller_cannot_make_tokend_do_unbounded_work_upstream() {
     assert!(served("tokendcaller", "https://storage.azure.com")["access_token"].is_string(), "still served");
 }
 
+/// `tokens.on_demand_rate`: one uid adding new resources faster than the rate gets 429 with an integer
+/// `Retry-After` and costs no IdP call, while what it already has is served and another uid adds its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_caller_cannot_churn_through_new_resources() {
+    let idp = Idp::start(3600).await;
+    test_user("tokendcaller");
+    let mut o = Opts::new(&idp);
+    o.tokens_extra = "on_demand_rate = \"5/m\"\n".into();
+    let t = Tokend::start(&o).await;
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut retry_after = Vec::new();
+    for i in 0..12 {
+        let r = t.imds(&format!("api-version=2018-02-01&resource=https://churn{i}.example")).await;
+        *statuses.entry(r.status().as_u16()).or_insert(0) += 1;
+        if r.status() == 429 {
+            retry_after.push(r.headers()["retry-after"].to_str().expect("ascii").parse::<u64>().expect("integer"));
+            let body: Value = r.json().await.expect("json");
+            assert!(body["error_description"].as_str().is_some_and(|d| d.contains("tokens.on_demand_rate")), "{body}");
+        }
+    }
+    eprintln!("12 new resources from one uid at 5/m: {statuses:?}, Retry-After {retry_after:?}");
+    assert_eq!((statuses.get(&200), statuses.get(&429)), (Some(&5), Some(&7)), "{statuses:?}");
+    assert!(retry_after.iter().all(|s| (1..=12).contains(s)), "{retry_after:?}");
+    assert_eq!(idp.token_requests().await, 5, "refused resources cost no IdP call");
+    assert_eq!(t.imds("api-version=2018-02-01&resource=https://churn0.example").await.status(), 200, "what it has");
+    let other = curl_as("tokendcaller", &["-H", "Metadata: true", &t.imds_url("https://churn11.example")]);
+    assert!(other.contains("access_token"), "another uid adds its own: {other}");
+}
+
 /// `access.rate_limit`: one caller's burst gets 429 with an integer `Retry-After` beyond its bucket, while
 /// another uid is served.
 #[tokio::test(flavor = "multi_thread")]
@@ -376,18 +405,23 @@ async fn every_decision_is_audited_without_tokens() {
         429,
         "the fourth allowed request within a minute (3/m; the denied one took none)"
     );
+    // Another local user, over TCP with curl: the line names its process, found from the socket.
+    let uid = test_user("tokendcaller");
+    let other = curl_as("tokendcaller", &["-H", "Metadata: true", &t.imds_url("https://storage.azure.com")]);
+    assert!(other.contains("access_token"), "{other}");
     let path = t.dir.path().join("audit.jsonl");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let text = loop {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        if text.lines().count() >= 5 || std::time::Instant::now() > deadline {
+        if text.lines().count() >= 6 || std::time::Instant::now() > deadline {
             break text;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(!text.contains(&token) && !text.contains(SECRET), "no token, no secret in the audit log");
     let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
-    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines.len(), 6, "{text}");
+    eprintln!("{text}");
     let field = |i: usize, k: &str| lines[i][k].clone();
     let expected = [
         ("issued", 200, Some("fetch")),
@@ -400,7 +434,14 @@ async fn every_decision_is_audited_without_tokens() {
         assert_eq!(field(i, "decision"), decision, "line {i}: {}", lines[i]);
         assert_eq!(field(i, "status"), status, "line {i}");
         assert_eq!(field(i, "cache").as_str(), cache, "line {i}");
-        assert_eq!(field(i, "caller"), serde_json::json!({"uid": 0, "user": "root", "transport": "tcp"}), "line {i}");
+        // This test process asked (in-process HTTP client): its pid and executable, found from the socket.
+        let me = std::env::current_exe().expect("exe");
+        let caller = field(i, "caller");
+        assert_eq!(
+            (&caller["uid"], &caller["user"], &caller["transport"], &caller["pid"], caller["exe"].as_str()),
+            (&0.into(), &"root".into(), &"tcp".into(), &std::process::id().into(), me.to_str()),
+            "line {i}"
+        );
         assert_eq!((field(i, "dialect"), field(i, "identity")), ("imds".into(), "default".into()), "line {i}");
         assert!(field(i, "latency_ms").as_f64().is_some_and(|ms| ms >= 0.0), "line {i}");
         assert!(humantime::parse_rfc3339(field(i, "time").as_str().expect("time")).is_ok(), "line {i}");
@@ -411,6 +452,14 @@ async fn every_decision_is_audited_without_tokens() {
     assert!(field(0, "token").as_str().is_some_and(|f| f.starts_with("sha256:") && f.len() == 19), "{}", lines[0]);
     assert_eq!(field(0, "token"), field(1, "token"), "the same cached token");
     assert!(field(2, "reason").as_str().is_some_and(|r| r.contains("access.rule[0]")), "{}", lines[2]);
+    let curl = &lines[5]["caller"];
+    assert_eq!(
+        (&curl["uid"], &curl["user"], &curl["command"]),
+        (&uid.into(), &"tokendcaller".into(), &"curl".into()),
+        "{curl}"
+    );
+    assert!(curl["exe"].as_str().is_some_and(|e| e.ends_with("/curl")) && curl["pid"].is_u64(), "{curl}");
+    assert_eq!(lines[5]["decision"], "issued");
 }
 
 /// `server.max_connections_per_caller`: one uid's idle connections cannot use up the listener; its next

@@ -190,6 +190,8 @@ pub struct Opts {
     pub resources: Vec<String>,
     pub min_lifetime: String,
     pub max_wait: String,
+    /// Extra `[tokens]` keys, verbatim.
+    pub tokens_extra: String,
     /// Extra TOML appended verbatim (e.g. another [[identity]]).
     pub extra: String,
 }
@@ -207,6 +209,7 @@ impl Opts {
             resources: vec![],
             min_lifetime: "5s".into(),
             max_wait: "4s".into(),
+            tokens_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -257,7 +260,7 @@ identity_header_file = "identity-header"
 [tokens]
 min_lifetime = "{min}"
 max_wait = "{wait}"
-
+{tokens_extra}
 [[identity]]
 name = "default"
 client_id = "{cid}"
@@ -268,6 +271,7 @@ resources = [{res}]
 "#,
         min = o.min_lifetime,
         wait = o.max_wait,
+        tokens_extra = o.tokens_extra,
         cid = o.client_id,
         url = o.token_url,
         res = resources.join(", "),

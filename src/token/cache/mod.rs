@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{AccessToken, FailureClass, Served, TokenError, TokenSource};
+use crate::access::{Buckets, Rate};
 use crate::caller::Caller;
 use crate::identity::Identity;
 use crate::resource::Resource;
@@ -86,11 +87,14 @@ impl Owner {
     }
 }
 
-/// On-demand entries per owner and in all; changed only under the entries' write lock.
+/// On-demand entries per owner and in all, and each owner's budget for adding new ones
+/// (`tokens.on_demand_rate`; replaced, full, when the rate changes); changed only under the entries'
+/// write lock.
 #[derive(Debug, Default)]
 struct Counts {
     per_owner: HashMap<Owner, usize>,
     total: usize,
+    adding: Option<Buckets<Owner>>,
 }
 
 /// Why no entry could be had.
@@ -99,6 +103,8 @@ enum Refused {
     Gone,
     /// `tokens.max_on_demand_per_caller` (`true`) or `tokens.max_on_demand` (`false`) is reached.
     Full(bool, usize),
+    /// The owner adds new entries faster than `tokens.on_demand_rate`; the next one in this long.
+    TooFast(Rate, Duration),
 }
 
 impl Entry {
@@ -272,6 +278,9 @@ impl TokenCache {
                         retry_after: FULL_RETRY_AFTER,
                     });
                 }
+                Err(Refused::TooFast(rate, retry_after)) => {
+                    return Err(TokenError::AddingTooFast { rate: rate.to_string(), retry_after });
+                }
             };
             entry.touch();
             let mut rx = entry.slot.clone();
@@ -326,7 +335,8 @@ impl TokenCache {
     }
 
     /// The entry of (`identity`, `resource`), created with its refresher on first use. A new on-demand
-    /// entry counts against `owner` and must fit `tokens.max_on_demand_per_caller` and `max_on_demand`.
+    /// entry counts against `owner` and must fit `tokens.max_on_demand_per_caller` and `max_on_demand`,
+    /// and takes one from the owner's `tokens.on_demand_rate` budget.
     /// `Gone` when the live snapshot has no such identity (removed by a reload since it was selected).
     fn entry(&self, identity: &str, resource: &Resource, owner: Option<Owner>) -> Result<Arc<Entry>, Refused> {
         let key = Key { identity: identity.to_owned(), resource: resource.clone() };
@@ -352,6 +362,12 @@ impl TokenCache {
             if counts.total >= total {
                 return Err(Refused::Full(false, total));
             }
+            let rate = snapshot.tokens.on_demand_rate;
+            let adding = match &mut counts.adding {
+                Some(b) if b.rate() == rate => b,
+                slot => slot.insert(Buckets::new(rate)),
+            };
+            adding.take(&owner).map_err(|wait| Refused::TooFast(rate, wait))?;
             *counts.per_owner.entry(owner).or_default() += 1;
             counts.total += 1;
         }

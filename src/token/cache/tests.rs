@@ -63,6 +63,7 @@ fn policy(min_lifetime: u64) -> TokensConfig {
         idle_timeout: Duration::from_secs(600),
         max_on_demand_per_caller: 8,
         max_on_demand: 12,
+        on_demand_rate: crate::access::Rate::parse("64/m").expect("rate"),
     }
 }
 
@@ -407,4 +408,43 @@ async fn failed_on_demand_entries_nobody_asks_for_are_not_retried() {
     // Asked again after the backoff: retried once, and served.
     h.get(&r(1)).await.expect("retried when asked");
     assert_eq!(fake.calls(), 3);
+}
+
+/// Bounded work: one caller cannot add new on-demand resources faster than `tokens.on_demand_rate`
+/// (the caps bound how many it holds, this how fast it churns through them); what it has is still
+/// served, another caller has its own budget, and a changed rate starts with full buckets.
+#[tokio::test(start_paused = true)]
+async fn adding_on_demand_resources_is_rate_limited_per_caller() {
+    let fake = Fake::new(Duration::from_millis(10), vec![Ok(3600)]);
+    let h = Harness::new(fake.clone(), 300, &[]);
+    let with_rate = |rate: &str| {
+        let mut s = snapshot(secret_identity("s", &[]), 300);
+        s.tokens.on_demand_rate = crate::access::Rate::parse(rate).expect("rate");
+        s
+    };
+    let old = h.live.swap(with_rate("3/m"));
+    h.cache.apply(Some(&old));
+    let snap = h.live.load();
+    let id = snap.identities.select(None).expect("default").clone();
+    let r = |i: usize| Resource::parse(&format!("https://r{i}.example")).expect("valid");
+    for i in 0..3 {
+        h.cache.get(&snap, &user(1001), &id, &r(i)).await.expect("within the burst");
+    }
+    match h.cache.get(&snap, &user(1001), &id, &r(3)).await {
+        Err(e @ TokenError::AddingTooFast { .. }) => {
+            let TokenError::AddingTooFast { ref rate, retry_after } = e else { unreachable!() };
+            assert_eq!(rate, "3/m");
+            assert!(retry_after > Duration::from_secs(10) && retry_after <= Duration::from_secs(20), "{retry_after:?}");
+            assert!(e.to_string().contains("tokens.on_demand_rate (3/m)"), "{e}");
+        }
+        other => panic!("expected the adding rate, got {other:?}"),
+    }
+    assert_eq!(fake.calls(), 3, "the refused resource cost no IdP call");
+    h.cache.get(&snap, &user(1001), &id, &r(0)).await.expect("a resource it has is served");
+    h.cache.get(&snap, &user(1002), &id, &r(10)).await.expect("another caller has its own budget");
+    // A reload that changes the rate starts with full buckets.
+    let old = h.live.swap(with_rate("4/m"));
+    h.cache.apply(Some(&old));
+    let snap = h.live.load();
+    h.cache.get(&snap, &user(1001), &id, &r(3)).await.expect("new rate, new budget");
 }
