@@ -7,7 +7,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
-use super::{Asker, Dialect, RequestError, answer, check_api_version, parse_query};
+use super::{Asker, Dialect, RequestError, TokenQuery, answer, check_api_version, parse_query};
 use crate::broker::Broker;
 
 /// The path `IDENTITY_ENDPOINT` names.
@@ -38,6 +38,11 @@ async fn handle(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Response, RequestError> {
+    answer(broker, asker, Dialect::AppService, check(broker, headers, query)).await
+}
+
+/// The App Service checks: exactly one matching `X-IDENTITY-HEADER`, a valid query and api-version.
+fn check(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<TokenQuery, RequestError> {
     let unauthorized = |description: &str| RequestError {
         status: StatusCode::UNAUTHORIZED,
         code: "unauthorized",
@@ -55,5 +60,5 @@ async fn handle(
     }
     let q = parse_query(query)?;
     check_api_version(q.api_version.as_deref(), MIN_API_VERSION)?;
-    answer(broker, asker, Dialect::AppService, q).await
+    Ok(q)
 }

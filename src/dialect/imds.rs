@@ -6,7 +6,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::{Asker, Dialect, RequestError, answer, check_api_version, header_str, parse_query};
+use super::{Asker, Dialect, RequestError, TokenQuery, answer, check_api_version, header_str, parse_query};
 use crate::broker::Broker;
 
 /// The path every IMDS client calls.
@@ -40,8 +40,14 @@ async fn handle(
         tracing::debug!(
             "IMDS request without `Metadata: true` answered 400 (an availability probe, or a misconfigured client)"
         );
+        // Not audited: DefaultAzureCredential sends this probe every time it starts.
         return Err(RequestError::bad_request("Required metadata header not specified"));
     }
+    answer(broker, asker, Dialect::Imds, check(headers, query)).await
+}
+
+/// The rest of IMDS's checks: no proxy headers, a valid query and api-version.
+fn check(headers: &HeaderMap, query: Option<&str>) -> Result<TokenQuery, RequestError> {
     for h in ["x-forwarded-for", "forwarded"] {
         if headers.contains_key(h) {
             return Err(RequestError::bad_request(format!(
@@ -51,5 +57,5 @@ async fn handle(
     }
     let q = parse_query(query)?;
     check_api_version(q.api_version.as_deref(), MIN_API_VERSION)?;
-    answer(broker, asker, Dialect::Imds, q).await
+    Ok(q)
 }

@@ -170,12 +170,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Asker {
     }
 }
 
-/// Resolves the identity and resource of a parsed query and answers with a token or an error.
+/// Resolves the identity and resource of a checked query (or passes on why the request failed its
+/// dialect's checks) and answers with a token or an error; either way one audit line.
 pub(crate) async fn answer(
     broker: &Broker,
     asker: Asker,
     dialect: Dialect,
-    q: TokenQuery,
+    checked: Result<TokenQuery, RequestError>,
 ) -> Result<Response, RequestError> {
     let Asker { caller, process } = asker;
     let process = process.filter(|_| broker.audit().is_some());
@@ -187,9 +188,12 @@ pub(crate) async fn answer(
         tokio::task::spawn_blocking(move || p.resolve().map(|_| ()))
     });
     let started = std::time::Instant::now();
-    let raw_resource = q.resource.clone();
+    let raw_resource = checked.as_ref().ok().and_then(|q| q.resource.clone());
     let mut seen = Seen::default();
-    let result = decide(broker, &caller, dialect, q, &mut seen).await;
+    let result = match checked {
+        Ok(q) => decide(broker, &caller, dialect, q, &mut seen).await,
+        Err(e) => Err(e),
+    };
     if let Some(lookup) = lookup
         && tokio::time::timeout(PROCESS_WAIT, lookup).await.is_err()
     {
@@ -198,7 +202,9 @@ pub(crate) async fn answer(
     if let Some(log) = broker.audit() {
         let (decision, status, reason) = match &result {
             Ok(_) => ("issued", 200, None),
-            Err(e) if e.status == StatusCode::FORBIDDEN => ("denied", 403, Some(e.description.as_str())),
+            Err(e) if matches!(e.status, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED) => {
+                ("denied", e.status.as_u16(), Some(e.description.as_str()))
+            }
             Err(e) if seen.rate_limited => ("rate_limited", e.status.as_u16(), Some(e.description.as_str())),
             Err(e) => ("error", e.status.as_u16(), Some(e.description.as_str())),
         };

@@ -1,4 +1,4 @@
-//! Secrets and tokens never reach the log, at any level.
+//! Secrets and tokens never reach the log, at any level, nor the audit log.
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ async fn trace_logs_hold_no_secret_token_or_identity_header() {
     let bad = dir.path().join("bad-secret");
     std::fs::write(&bad, "Wr0ng~Secret.Value_9").expect("write");
     o.extra = format!(
-        "[[identity]]\nname = \"broken\"\nclient_id = \"{CLIENT_ID_2}\"\ntoken_url = \"{}\"\nclient_secret_file = \"{}\"\n",
+        "[[identity]]\nname = \"broken\"\nclient_id = \"{CLIENT_ID_2}\"\ntoken_url = \"{}\"\nclient_secret_file = \"{}\"\n[audit]\npath = \"audit.jsonl\"\n",
         idp.token_url(),
         bad.display()
     );
@@ -38,7 +38,24 @@ async fn trace_logs_hold_no_secret_token_or_identity_header() {
         .header("X-IDENTITY-HEADER", "guess")
         .send()
         .await;
-    let logs = t.logs();
+    let audit_path = t.dir.path().join("audit.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let audit = loop {
+        let text = std::fs::read_to_string(&audit_path).unwrap_or_default();
+        if text.lines().count() >= 8 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Six tokens issued, one credential rejected, one wrong X-IDENTITY-HEADER.
+    assert_eq!(audit.lines().count(), 8, "every decision audited: {audit}");
+    assert!(
+        audit.contains("\"decision\":\"denied\",\"dialect\":\"app_service\"") && audit.contains("\"status\":401"),
+        "{audit}"
+    );
+    assert!(audit.contains("\"decision\":\"error\"") && audit.contains("sha256:"), "{audit}");
+    // The trace log and the audit log, searched alike.
+    let logs = t.logs() + &audit;
     assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "the log was captured at trace level");
     assert!(logs.contains("sha256:"), "tokens are identified by fingerprint");
     assert!(logs.contains("invalid_client"), "the failure is logged");
