@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use secrecy::SecretString;
+use secrecy::zeroize::Zeroizing;
 use serde::Deserialize;
 
 use crate::config::UpstreamConfig;
@@ -62,24 +63,27 @@ impl IdpClient {
     /// One client-credentials request for `resource` as `identity`.
     pub(crate) async fn fetch(&self, identity: &Identity, resource: &Resource) -> Result<IssuedToken, FetchError> {
         let url = &identity.token_url;
-        let mut form: Vec<(&str, String)> =
-            vec![("grant_type", "client_credentials".to_owned()), ("client_id", identity.client_id.clone())];
-        match identity.api {
-            TokenApi::V2 => form.push(("scope", resource.scope())),
-            TokenApi::V1 => form.push(("resource", resource.as_str().to_owned())),
-        }
+        let scope = match identity.api {
+            TokenApi::V2 => ("scope", resource.scope()),
+            TokenApi::V1 => ("resource", resource.as_str().to_owned()),
+        };
         let auth = identity
             .credential
             .form_params(&identity.client_id, url.as_str())
             .map_err(|e| FetchError::CredentialUnusable { detail: e.to_string() })?;
-        form.extend(auth);
+        let mut form: Vec<(&str, &str)> =
+            vec![("grant_type", "client_credentials"), ("client_id", &identity.client_id), (scope.0, &scope.1)];
+        form.extend(auth.iter().map(|(k, v)| (*k, v.as_str())));
+        let form = encode_form(&form);
+        drop(auth);
         let client = if host_is_loopback(url) { &self.direct } else { &self.proxied };
         let requested_at = SystemTime::now();
         let transport = |e: reqwest::Error| FetchError::Transport { host: host_of(url), detail: error_chain(&e) };
         let mut resp = client
             .post(url.clone())
             .header("accept", "application/json")
-            .form(&form)
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(form)
             .send()
             .await
             .map_err(transport)?;
@@ -103,7 +107,8 @@ impl IdpClient {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let mut body = Vec::new();
+        // Sized up front, so that growing it leaves no copy of the token behind; wiped when dropped.
+        let mut body = Zeroizing::new(Vec::with_capacity(MAX_BODY));
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > MAX_BODY {
                 return Err(FetchError::Malformed {
@@ -223,6 +228,27 @@ pub(crate) struct Parsed {
     pub(crate) refresh_in: Option<Duration>,
 }
 
+/// The urlencoded request body, with the credential in it: encoded into one buffer sized for the worst
+/// case (so no reallocation leaves a copy behind) that is wiped when the HTTP stack drops the body.
+/// Copies the HTTP and TLS stacks make while sending are theirs and are not wiped.
+fn encode_form(pairs: &[(&str, &str)]) -> reqwest::Body {
+    /// Bytes that are zeroed when the last reference to them goes.
+    struct Wiped(Zeroizing<Vec<u8>>);
+    impl AsRef<[u8]> for Wiped {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    let worst = pairs.iter().map(|(k, v)| 3 * (k.len() + v.len()) + 2).sum();
+    let mut out = form_urlencoded::Serializer::new(String::with_capacity(worst));
+    for (k, v) in pairs {
+        out.append_pair(k, v);
+    }
+    let encoded = out.finish();
+    debug_assert!(encoded.len() <= worst);
+    reqwest::Body::from(bytes::Bytes::from_owner(Wiped(Zeroizing::new(encoded.into_bytes()))))
+}
+
 /// Classifies and parses a token endpoint answer. Pure, so it is unit-tested and fuzzable.
 pub(crate) fn parse_response(
     status: u16,
@@ -340,6 +366,22 @@ mod tests {
     fn retry_after_is_kept() {
         let e = parse_response(429, Some(Duration::from_secs(7)), "", b"").err().expect("error");
         assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn the_form_is_encoded_in_one_buffer_that_round_trips() {
+        let pairs =
+            [("grant_type", "client_credentials"), ("client_secret", "a+b c&d=e~f/é%"), ("scope", "x/.default")];
+        let body = encode_form(&pairs);
+        let bytes = body.as_bytes().expect("a buffered body");
+        let back: Vec<(String, String)> = form_urlencoded::parse(bytes).into_owned().collect();
+        let expected: Vec<(String, String)> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        assert_eq!(back, expected);
+        assert!(
+            std::str::from_utf8(bytes)
+                .expect("ascii")
+                .starts_with("grant_type=client_credentials&client_secret=a%2Bb+c%26d%3De")
+        );
     }
 
     #[test]

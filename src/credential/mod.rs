@@ -16,6 +16,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 
 pub(crate) use certificate::{AssertionAlg, Certificate, CertificateError};
@@ -114,18 +115,22 @@ impl ClientCredential {
         &self,
         client_id: &str,
         token_url: &str,
-    ) -> Result<Vec<(&'static str, String)>, CredentialError> {
+    ) -> Result<Vec<(&'static str, Zeroizing<String>)>, CredentialError> {
+        let plain = |s: &str| Zeroizing::new(s.to_owned());
         match self {
-            Self::Secret { secret, .. } => Ok(vec![("client_secret", secret.expose_secret().to_owned())]),
+            Self::Secret { secret, .. } => Ok(vec![("client_secret", plain(secret.expose_secret()))]),
             Self::Certificate { cert, .. } => Ok(vec![
-                ("client_assertion_type", ASSERTION_TYPE.to_owned()),
-                ("client_assertion", cert.assertion(client_id, token_url).map_err(CredentialError::Assertion)?),
+                ("client_assertion_type", plain(ASSERTION_TYPE)),
+                (
+                    "client_assertion",
+                    Zeroizing::new(cert.assertion(client_id, token_url).map_err(CredentialError::Assertion)?),
+                ),
             ]),
             Self::Federated { path, .. } => {
                 let token = read_secret_file(path)?;
                 Ok(vec![
-                    ("client_assertion_type", ASSERTION_TYPE.to_owned()),
-                    ("client_assertion", token.expose_secret().to_owned()),
+                    ("client_assertion_type", plain(ASSERTION_TYPE)),
+                    ("client_assertion", plain(token.expose_secret())),
                 ])
             }
         }
@@ -168,9 +173,9 @@ mod tests {
         let e = c.form_params("cid", "https://x/token").expect_err("missing");
         assert!(e.to_string().contains("cannot read") && e.to_string().contains("token"), "{e}");
         std::fs::write(&path, "first\n").expect("write");
-        assert_eq!(c.form_params("cid", "https://x/token").expect("params")[1].1, "first");
+        assert_eq!(c.form_params("cid", "https://x/token").expect("params")[1].1.as_str(), "first");
         std::fs::write(&path, "second").expect("write");
-        assert_eq!(c.form_params("cid", "https://x/token").expect("params")[1].1, "second");
+        assert_eq!(c.form_params("cid", "https://x/token").expect("params")[1].1.as_str(), "second");
         std::fs::write(&path, "  \n").expect("write");
         assert!(c.form_params("cid", "https://x/token").expect_err("empty").to_string().contains("empty"));
     }
