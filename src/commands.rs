@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{Config, DEFAULT_LISTEN, IdentityHeaderSource, ServerConfig};
-use crate::dialect::{export_lines, imds};
+use crate::dialect::{EnvDialect, imds};
 use crate::error::Error;
 use crate::idp::{IdpClient, MAX_CLOCK_SKEW};
 use crate::resource::Resource;
@@ -30,10 +30,20 @@ pub async fn dev(listen: SocketAddr) -> Result<(), Error> {
     crate::dev::run(listen).await
 }
 
-/// `tokend env`: the export lines for the broker `config` describes. Only reads the identity header file
-/// (created by `tokend serve`), so any user who may read that file can run it.
-pub fn env(config: &Path) -> Result<String, Error> {
+/// The `--dialect` values `tokend env` takes; the first is the default.
+pub const ENV_DIALECTS: [&str; 4] = EnvDialect::NAMES;
+
+/// `tokend env --dialect NAME`: the `unset` and `export` lines for the broker `config` describes, for one
+/// family of clients ([`ENV_DIALECTS`]). Reads only the identity header file (created by `tokend
+/// serve`), and only for the dialects that carry the secret, so any user who may read it can run it.
+pub fn env(config: &Path, dialect: &str) -> Result<String, Error> {
+    let Some(dialect) = EnvDialect::parse(dialect) else {
+        return Err(Error::Usage(format!("--dialect {dialect:?}: use one of {}", ENV_DIALECTS.join(", "))));
+    };
     let server = Config::load_server(config)?;
+    if !dialect.needs_secret() {
+        return Ok(dialect.lines(client_addr(&server), None));
+    }
     let path = match &server.identity_header {
         IdentityHeaderSource::File(path) => path,
         IdentityHeaderSource::Generated => {
@@ -50,7 +60,7 @@ pub fn env(config: &Path) -> Result<String, Error> {
             anyhow::anyhow!("server.identity_header_file: {e}")
         }
     })?;
-    Ok(export_lines(client_addr(&server), &header))
+    Ok(dialect.lines(client_addr(&server), Some(&header)))
 }
 
 /// The address local clients should use: the first loopback listen address, else the first one.

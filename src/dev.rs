@@ -27,7 +27,7 @@ use crate::clock::unix_secs;
 use crate::config::{Config, IdentityHeaderSource, ServerConfig, TokensConfig, UpstreamConfig};
 use crate::credential::ClientCredential;
 use crate::daemon::{self, signal};
-use crate::dialect::{export_lines, imds};
+use crate::dialect::{EnvDialect, export_lines, imds};
 use crate::error::Error;
 use crate::identity::{Identity, TokenApi};
 use crate::resource::Resource;
@@ -58,6 +58,10 @@ pub(crate) async fn run(listen: SocketAddr) -> Result<(), Error> {
         let addr = bound.first().copied().unwrap_or(listen);
         println!("# Point Azure SDKs at this broker:");
         print!("{}", export_lines(addr, &header));
+        println!(
+            "# Code written for Azure ML compute (MSI_ENDPOINT + MSI_SECRET) instead: {}",
+            EnvDialect::AzureMl.lines(addr, Some(&header)).lines().collect::<Vec<_>>().join("; ")
+        );
         println!("# Then, for example:");
         println!(
             "# curl -s -H Metadata:true 'http://{addr}{}?api-version=2018-02-01&resource={DEV_RESOURCE}'",

@@ -40,11 +40,16 @@ enum Command {
         #[arg(long, env = "TOKEND_CONFIG", default_value = "/etc/tokend/tokend.toml")]
         config: PathBuf,
     },
-    /// Print `export` lines that point Azure SDKs at the broker (for `eval`).
+    /// Print `unset` and `export` lines that point Azure SDKs at the broker (for `eval`).
     Env {
         /// Configuration file.
         #[arg(long, env = "TOKEND_CONFIG", default_value = "/etc/tokend/tokend.toml")]
         config: PathBuf,
+        /// Which clients: app-service (IDENTITY_ENDPOINT + IDENTITY_HEADER: every current SDK), azureml
+        /// (MSI_ENDPOINT + MSI_SECRET, as on Azure ML compute), imds (AZURE_POD_IDENTITY_AUTHORITY_HOST),
+        /// cloud-shell (MSI_ENDPOINT only). The other dialects' variables are unset.
+        #[arg(long, default_value = commands::ENV_DIALECTS[0], value_parser = clap::builder::PossibleValuesParser::new(commands::ENV_DIALECTS))]
+        dialect: String,
     },
     /// Ask the running broker for a token and print only the token.
     Token {
@@ -123,7 +128,7 @@ async fn dispatch(command: Command) -> Result<bool, tokend::Error> {
     match command {
         Command::Serve { config } => commands::serve(&config).await?,
         Command::Dev { listen } => commands::dev(listen).await?,
-        Command::Env { config } => print!("{}", commands::env(&config)?),
+        Command::Env { config, dialect } => print!("{}", commands::env(&config, &dialect)?),
         Command::Token { config, resource, client_id } => {
             println!("{}", commands::token(&config, &resource, client_id.as_deref()).await?);
         }

@@ -1,5 +1,12 @@
-//! The App Service dialect: `GET /msi/token` with `X-IDENTITY-HEADER: <secret>` (what
-//! `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` point clients at). `Metadata` is not required (Go omits it).
+//! The App Service dialect at `GET /msi/token` (and `/msi/token/`), in its two versions:
+//! - **2019-08-01** and later: `X-IDENTITY-HEADER: <secret>` (what `IDENTITY_ENDPOINT` +
+//!   `IDENTITY_HEADER` point clients at). `Metadata` is not required (Go omits it).
+//! - **2017-09-01** (App Service 2017, and Azure ML compute: `MSI_ENDPOINT` + `MSI_SECRET`): the secret in
+//!   a `secret` header, and `clientid` (no underscore) selects a user-assigned identity. Errors keep the
+//!   App Service shape; the success body is the same superset (Azure ML's clients parse `expires_on` as
+//!   epoch seconds — MSAL only that way — so the App Service 2017 date form is never sent).
+//!
+//! Both compare the secret in constant time; a missing or wrong one is a 401.
 
 use std::sync::Arc;
 
@@ -7,17 +14,21 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
-use super::{Asker, Dialect, RequestError, TokenQuery, answer, check_api_version, parse_query};
+use super::{Asker, Dialect, Params, RequestError, TokenQuery, answer, check_api_version, parse_params, parse_query};
 use crate::broker::Broker;
 
-/// The path `IDENTITY_ENDPOINT` names.
+/// The path `IDENTITY_ENDPOINT` (and `MSI_ENDPOINT`) names.
 pub(crate) const PATH: &str = "/msi/token";
 /// The same with a trailing slash.
 pub(crate) const PATH_SLASH: &str = "/msi/token/";
-/// Oldest api-version accepted (the one that uses `X-IDENTITY-HEADER`).
+/// Oldest api-version accepted with `X-IDENTITY-HEADER`.
 pub(crate) const MIN_API_VERSION: &str = "2019-08-01";
-/// The header carrying the secret.
+/// The one older api-version served: App Service 2017 / Azure ML, with the `secret` header.
+pub(crate) const API_VERSION_2017: &str = "2017-09-01";
+/// The header carrying the secret (2019).
 pub(crate) const HEADER: &str = "x-identity-header";
+/// The header carrying the secret (2017 / Azure ML).
+pub(crate) const HEADER_2017: &str = "secret";
 
 /// The handler.
 pub(crate) async fn token(
@@ -26,39 +37,53 @@ pub(crate) async fn token(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    match handle(&broker, asker, &headers, query.as_deref()).await {
+    let query = query.as_deref();
+    // The version decides the dialect; a query that does not parse is answered by the 2019 rules.
+    let is_2017 = parse_query(query).is_ok_and(|q| q.api_version.as_deref() == Some(API_VERSION_2017));
+    let dialect = if is_2017 { Dialect::AzureMl } else { Dialect::AppService };
+    let checked = if is_2017 { check_2017(&broker, &headers, query) } else { check(&broker, &headers, query) };
+    match answer(&broker, asker, dialect, checked).await {
         Ok(r) => r,
-        Err(e) => e.into_response(Dialect::AppService),
+        Err(e) => e.into_response(dialect),
     }
 }
 
-async fn handle(
+fn unauthorized(description: String) -> RequestError {
+    RequestError { status: StatusCode::UNAUTHORIZED, code: "unauthorized", description, retry_after: None }
+}
+
+/// Exactly one `header` (lower case; `shown` in messages) whose value matches the identity header
+/// secret (`env` names the variable clients read it from, for the message).
+fn check_secret(
     broker: &Broker,
-    asker: Asker,
     headers: &HeaderMap,
-    query: Option<&str>,
-) -> Result<Response, RequestError> {
-    answer(broker, asker, Dialect::AppService, check(broker, headers, query)).await
+    (header, shown): (&str, &str),
+    env: &str,
+) -> Result<(), RequestError> {
+    let mut presented = headers.get_all(header).iter();
+    match (presented.next(), presented.next()) {
+        (None, _) => Err(unauthorized(format!("header {shown} is missing"))),
+        (Some(_), Some(_)) => Err(unauthorized(format!("header {shown} is given more than once"))),
+        (Some(v), None) if !broker.identity_header_matches(v.as_bytes()) => {
+            Err(unauthorized(format!("header {shown} does not match {env}")))
+        }
+        (Some(_), None) => Ok(()),
+    }
 }
 
-/// The App Service checks: exactly one matching `X-IDENTITY-HEADER`, a valid query and api-version.
+/// The 2019 checks: exactly one matching `X-IDENTITY-HEADER`, a valid query and api-version.
 fn check(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<TokenQuery, RequestError> {
-    let unauthorized = |description: &str| RequestError {
-        status: StatusCode::UNAUTHORIZED,
-        code: "unauthorized",
-        description: description.to_owned(),
-        retry_after: None,
-    };
-    let mut presented = headers.get_all(HEADER).iter();
-    match (presented.next(), presented.next()) {
-        (None, _) => return Err(unauthorized("header X-IDENTITY-HEADER is missing")),
-        (Some(_), Some(_)) => return Err(unauthorized("header X-IDENTITY-HEADER is given more than once")),
-        (Some(v), None) if !broker.identity_header_matches(v.as_bytes()) => {
-            return Err(unauthorized("header X-IDENTITY-HEADER does not match IDENTITY_HEADER"));
-        }
-        (Some(_), None) => {}
-    }
+    check_secret(broker, headers, (HEADER, "X-IDENTITY-HEADER"), "IDENTITY_HEADER")?;
     let q = parse_query(query)?;
-    check_api_version(q.api_version.as_deref(), MIN_API_VERSION)?;
+    check_api_version(q.api_version.as_deref(), MIN_API_VERSION).map_err(|mut e| {
+        e.description.push_str(&format!(" (or {API_VERSION_2017} with header secret)"));
+        e
+    })?;
     Ok(q)
+}
+
+/// The 2017 / Azure ML checks: exactly one matching `secret` header, a valid query (`clientid` allowed).
+fn check_2017(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<TokenQuery, RequestError> {
+    check_secret(broker, headers, (HEADER_2017, "secret"), "MSI_SECRET")?;
+    parse_params(query, Params::Query2017)
 }

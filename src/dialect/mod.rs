@@ -1,17 +1,23 @@
 //! The managed-identity wire formats. Only this module (and its children) knows them.
 //!
 //! - [`imds`]: `GET /metadata/identity/oauth2/token` (Azure VM metadata service).
-//! - [`app_service`]: `GET /msi/token` (App Service, `IDENTITY_ENDPOINT` + `X-IDENTITY-HEADER`).
+//! - [`app_service`]: `GET /msi/token` — App Service 2019 (`IDENTITY_ENDPOINT` + `X-IDENTITY-HEADER`)
+//!   and, with `api-version=2017-09-01`, App Service 2017 / Azure ML compute (`MSI_ENDPOINT` +
+//!   `MSI_SECRET`, in a `secret` header; `clientid`).
+//! - [`cloud_shell`]: `POST /msi/token` with a form body and `Metadata: true` (`MSI_ENDPOINT` alone:
+//!   Cloud Shell, and msrestazure whenever `MSI_ENDPOINT` is set).
 //!
-//! Both share the query grammar, the success body (every number a string of digits, `expires_in` the
-//! seconds *remaining*) and the mapping from [`TokenError`] to a status code; they differ in the guard
-//! headers and in the error body's shape.
+//! All share the parameter grammar, the success body (every number a string of digits, `expires_in`
+//! the seconds *remaining*, `expires_on` epoch seconds — the one spelling every client parses) and the
+//! mapping from [`TokenError`] to a status code; they differ in the guard headers and in the error
+//! body's shape.
 
 pub(crate) mod app_service;
+pub(crate) mod cloud_shell;
 pub(crate) mod imds;
 mod query;
 
-pub(crate) use query::{TokenQuery, check_api_version, parse_query};
+pub(crate) use query::{Params, TokenQuery, check_api_version, parse_params, parse_query};
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -40,16 +46,35 @@ const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 /// Which dialect answers: decides the error body's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dialect {
-    /// `{"error": .., "error_description": ..}`
+    /// IMDS: errors `{"error": .., "error_description": ..}`
     Imds,
-    /// `{"statusCode": .., "message": .., "correlationId": ..}`
+    /// App Service 2019: errors `{"statusCode": .., "message": .., "correlationId": ..}`
     AppService,
+    /// App Service 2017 / Azure ML: errors in the App Service shape.
+    AzureMl,
+    /// The Cloud Shell POST: errors in the IMDS shape (it is IMDS's protocol over a form body).
+    CloudShell,
 }
 
 impl Dialect {
-    /// The dialect whose error shape fits a request path (App Service under `/msi/`, IMDS elsewhere).
-    pub(crate) fn for_path(path: &str) -> Self {
-        if path.starts_with("/msi/") { Self::AppService } else { Self::Imds }
+    /// The dialect whose error shape fits a request (under `/msi/`: App Service for GET, Cloud Shell for
+    /// POST; IMDS elsewhere).
+    pub(crate) fn for_request(method: &axum::http::Method, path: &str) -> Self {
+        match (path.starts_with("/msi/"), *method == axum::http::Method::POST) {
+            (true, true) => Self::CloudShell,
+            (true, false) => Self::AppService,
+            (false, _) => Self::Imds,
+        }
+    }
+
+    /// Its name in logs and audit lines.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Imds => "imds",
+            Self::AppService => "app_service",
+            Self::AzureMl => "azureml",
+            Self::CloudShell => "cloud_shell",
+        }
     }
 }
 
@@ -80,8 +105,10 @@ impl RequestError {
     /// Renders the error in `dialect`'s shape.
     pub(crate) fn into_response(self, dialect: Dialect) -> Response {
         let body = match dialect {
-            Dialect::Imds => serde_json::json!({ "error": self.code, "error_description": self.description }),
-            Dialect::AppService => serde_json::json!({
+            Dialect::Imds | Dialect::CloudShell => {
+                serde_json::json!({ "error": self.code, "error_description": self.description })
+            }
+            Dialect::AppService | Dialect::AzureMl => serde_json::json!({
                 "statusCode": self.status.as_u16(),
                 "message": self.description,
                 "correlationId": uuid::Uuid::new_v4().to_string(),
@@ -209,10 +236,7 @@ pub(crate) async fn answer(
             Err(e) => ("error", e.status.as_u16(), Some(e.description.as_str())),
         };
         let record = Record {
-            dialect: match dialect {
-                Dialect::Imds => "imds",
-                Dialect::AppService => "app_service",
-            },
+            dialect: dialect.name(),
             identity: seen.identity.as_deref(),
             resource: raw_resource.as_deref(),
             decision,
@@ -301,15 +325,76 @@ async fn decide(
     Ok(resp)
 }
 
-/// The `export` lines that point Azure SDKs at a broker listening on `addr`: the App Service variables
-/// (`IDENTITY_ENDPOINT`, `IDENTITY_HEADER`) and msal-node's `AZURE_POD_IDENTITY_AUTHORITY_HOST`; never
-/// `MSI_ENDPOINT`/`MSI_SECRET`/`IMDS_ENDPOINT`.
+/// Which clients `tokend env` prints the variables for. Each output first unsets the other dialects'
+/// variables, because SDKs pick a route by which variables are set (azure-identity prefers
+/// `IDENTITY_ENDPOINT` over `MSI_ENDPOINT`; `MSI_ENDPOINT` alone means Cloud Shell; msrestazure reads only
+/// `MSI_ENDPOINT`) and a leftover one silently changes the route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EnvDialect {
+    /// `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` (and `AZURE_POD_IDENTITY_AUTHORITY_HOST` for msal-node):
+    /// every current SDK.
+    AppService,
+    /// `MSI_ENDPOINT` + `MSI_SECRET`, as on Azure ML compute.
+    AzureMl,
+    /// `AZURE_POD_IDENTITY_AUTHORITY_HOST` only (the IMDS route of azure-identity, msal, the Azure CLI).
+    Imds,
+    /// `MSI_ENDPOINT` only (Cloud Shell's POST; msrestazure).
+    CloudShell,
+}
+
+/// Every variable some dialect sets.
+const ENV_VARS: [&str; 5] =
+    ["IDENTITY_ENDPOINT", "IDENTITY_HEADER", "AZURE_POD_IDENTITY_AUTHORITY_HOST", "MSI_ENDPOINT", "MSI_SECRET"];
+
+impl EnvDialect {
+    /// The names `tokend env --dialect` takes.
+    pub(crate) const NAMES: [&'static str; 4] = ["app-service", "azureml", "imds", "cloud-shell"];
+
+    /// Parses one of [`Self::NAMES`].
+    pub(crate) fn parse(name: &str) -> Option<Self> {
+        match name {
+            "app-service" => Some(Self::AppService),
+            "azureml" => Some(Self::AzureMl),
+            "imds" => Some(Self::Imds),
+            "cloud-shell" => Some(Self::CloudShell),
+            _ => None,
+        }
+    }
+
+    /// Whether its variables include the identity header secret.
+    pub(crate) fn needs_secret(self) -> bool {
+        matches!(self, Self::AppService | Self::AzureMl)
+    }
+
+    /// The `unset` and `export` lines for a broker listening on `addr`; `secret` is required when
+    /// [`Self::needs_secret`].
+    pub(crate) fn lines(self, addr: SocketAddr, secret: Option<&SecretString>) -> String {
+        let endpoint = format!("http://{addr}{}", app_service::PATH);
+        let host = format!("http://{addr}");
+        let secret = secret.map_or("", |s| s.expose_secret());
+        let set: Vec<(&str, &str)> = match self {
+            Self::AppService => vec![
+                ("IDENTITY_ENDPOINT", &endpoint),
+                ("IDENTITY_HEADER", secret),
+                ("AZURE_POD_IDENTITY_AUTHORITY_HOST", &host),
+            ],
+            Self::AzureMl => vec![("MSI_ENDPOINT", &endpoint), ("MSI_SECRET", secret)],
+            Self::Imds => vec![("AZURE_POD_IDENTITY_AUTHORITY_HOST", &host)],
+            Self::CloudShell => vec![("MSI_ENDPOINT", &endpoint)],
+        };
+        let unset: Vec<&str> = ENV_VARS.into_iter().filter(|v| !set.iter().any(|(name, _)| name == v)).collect();
+        let mut out = format!("unset {}\n", unset.join(" "));
+        for (name, value) in set {
+            let _ = writeln!(out, "export {name}='{value}'");
+        }
+        out
+    }
+}
+
+/// The `export` lines that point every current Azure SDK at a broker listening on `addr` (the App
+/// Service variables and msal-node's `AZURE_POD_IDENTITY_AUTHORITY_HOST`); never `IMDS_ENDPOINT`.
 pub(crate) fn export_lines(addr: SocketAddr, identity_header: &SecretString) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "export IDENTITY_ENDPOINT='http://{addr}{}'", app_service::PATH);
-    let _ = writeln!(out, "export IDENTITY_HEADER='{}'", identity_header.expose_secret());
-    let _ = writeln!(out, "export AZURE_POD_IDENTITY_AUTHORITY_HOST='http://{addr}'");
-    out
+    EnvDialect::AppService.lines(addr, Some(identity_header))
 }
 
 /// A header's value as text, if present and valid.
@@ -321,6 +406,46 @@ pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a s
 mod tests {
     use super::*;
     use crate::identity::Selector;
+
+    #[test]
+    fn env_lines_set_one_dialect_and_unset_the_others() {
+        let addr: SocketAddr = "127.0.0.1:50342".parse().expect("addr");
+        let secret: SecretString = "s3cret".to_owned().into();
+        let lines = |d: EnvDialect| d.lines(addr, Some(&secret));
+        assert_eq!(
+            lines(EnvDialect::AzureMl),
+            "unset IDENTITY_ENDPOINT IDENTITY_HEADER AZURE_POD_IDENTITY_AUTHORITY_HOST\n\
+             export MSI_ENDPOINT='http://127.0.0.1:50342/msi/token'\nexport MSI_SECRET='s3cret'\n"
+        );
+        assert_eq!(
+            lines(EnvDialect::CloudShell),
+            "unset IDENTITY_ENDPOINT IDENTITY_HEADER AZURE_POD_IDENTITY_AUTHORITY_HOST MSI_SECRET\n\
+             export MSI_ENDPOINT='http://127.0.0.1:50342/msi/token'\n"
+        );
+        assert_eq!(
+            EnvDialect::Imds.lines(addr, None),
+            "unset IDENTITY_ENDPOINT IDENTITY_HEADER MSI_ENDPOINT MSI_SECRET\n\
+             export AZURE_POD_IDENTITY_AUTHORITY_HOST='http://127.0.0.1:50342'\n"
+        );
+        let app_service = lines(EnvDialect::AppService);
+        assert!(app_service.starts_with("unset MSI_ENDPOINT MSI_SECRET\n"), "{app_service}");
+        assert!(app_service.contains("export IDENTITY_HEADER='s3cret'\n"), "{app_service}");
+        for name in EnvDialect::NAMES {
+            assert!(EnvDialect::parse(name).is_some(), "{name}");
+        }
+        assert!(!EnvDialect::Imds.needs_secret() && !EnvDialect::CloudShell.needs_secret());
+    }
+
+    #[test]
+    fn clientid_selects_only_in_the_2017_dialect() {
+        let q = parse_params(Some("resource=r&clientid=abc"), Params::Query2017).expect("valid");
+        assert_eq!(q.selector, Some(Selector::ClientId("abc".into())));
+        assert_eq!(parse_query(Some("resource=r&clientid=abc")).expect("valid").selector, None, "ignored elsewhere");
+        let e = parse_params(Some("resource=r&clientid=a&client_id=b"), Params::Query2017).expect_err("two");
+        assert!(e.description.contains("clientid"), "{}", e.description);
+        let e = parse_params(Some("resource=r&resource=s"), Params::Form).expect_err("dup");
+        assert!(e.description.starts_with("form field"), "{}", e.description);
+    }
 
     #[test]
     fn parses_raw_and_encoded_queries() {

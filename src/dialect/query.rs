@@ -1,5 +1,6 @@
-//! The query grammar both dialects share: duplicates and bad percent-encoding refused, at most one
-//! identity selector, unknown parameters ignored (clients add their own); and the `api-version` check.
+//! The parameter grammar every dialect shares — in a query string, or in the form body of the Cloud
+//! Shell POST: duplicates and bad percent-encoding refused, at most one identity selector, unknown
+//! parameters ignored (clients add their own); and the `api-version` check.
 
 use super::RequestError;
 use crate::identity::Selector;
@@ -17,22 +18,48 @@ pub(crate) struct TokenQuery {
 
 const SELECTORS: &str = "client_id, object_id, principal_id, msi_res_id, mi_res_id";
 
+/// Where the parameters come from, for error messages; and whether `clientid` selects by client id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Params {
+    /// A query string (IMDS, App Service 2019).
+    Query,
+    /// The query string of the App Service 2017 / Azure ML dialect, which spells `client_id` `clientid`.
+    Query2017,
+    /// A form body (the Cloud Shell POST).
+    Form,
+}
+
+impl Params {
+    fn what(self) -> &'static str {
+        match self {
+            Self::Query | Self::Query2017 => "query parameter",
+            Self::Form => "form field",
+        }
+    }
+}
+
 /// Parses a query string: rejects duplicates, bad percent-encoding and conflicting selectors; ignores
 /// parameters it does not know (clients add their own).
 pub(crate) fn parse_query(raw: Option<&str>) -> Result<TokenQuery, RequestError> {
+    parse_params(raw, Params::Query)
+}
+
+/// [`parse_query`] for parameters from `source`.
+pub(crate) fn parse_params(raw: Option<&str>, source: Params) -> Result<TokenQuery, RequestError> {
+    let what = source.what();
     let mut q = TokenQuery::default();
     let mut seen: Vec<String> = Vec::new();
     for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let raw_name = pair.split('=').next().unwrap_or("");
         if !percent_encoding_ok(pair) {
             return Err(RequestError::bad_request(format!(
-                "query parameter {:?} has invalid percent-encoding",
+                "{what} {:?} has invalid percent-encoding",
                 raw_name.chars().take(64).collect::<String>()
             )));
         }
         let Some((name, value)) = form_urlencoded::parse(pair.as_bytes()).next() else { continue };
         if seen.iter().any(|s| *s == name) {
-            return Err(RequestError::bad_request(format!("query parameter {name:?} appears more than once")));
+            return Err(RequestError::bad_request(format!("{what} {name:?} appears more than once")));
         }
         seen.push(name.to_string());
         let value = value.into_owned();
@@ -47,12 +74,16 @@ pub(crate) fn parse_query(raw: Option<&str>) -> Result<TokenQuery, RequestError>
             }
             _ if value.is_empty() => continue,
             "client_id" => Selector::ClientId(value),
+            "clientid" if source == Params::Query2017 => Selector::ClientId(value),
             "object_id" | "principal_id" => Selector::ObjectId(value),
             "msi_res_id" | "mi_res_id" => Selector::ResourceId(value),
             _ => continue,
         };
         if q.selector.is_some() {
-            return Err(RequestError::bad_request(format!("give at most one of the identity selectors {SELECTORS}")));
+            let selectors = if source == Params::Query2017 { "clientid, " } else { "" };
+            return Err(RequestError::bad_request(format!(
+                "give at most one of the identity selectors {selectors}{SELECTORS}"
+            )));
         }
         q.selector = Some(selector);
     }

@@ -1,7 +1,7 @@
 //! The HTTP surface: the router and its guards; [`listen`] binds and serves.
 //!
 //! Routes: the two token dialects, `/healthz` (alive) and `/readyz` (every configured resource cached).
-//! Guards: only GET (405 otherwise), a `Host` that is a loopback name or address or one of tokend's
+//! Guards: only GET (and POST on the App Service path; 405 otherwise), a `Host` that is a loopback name or address or one of tokend's
 //! listen addresses (DNS rebinding), a bounded request time. Errors use the dialect's shape.
 
 use std::net::{IpAddr, SocketAddr};
@@ -17,7 +17,7 @@ use axum::routing::get;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::broker::Broker;
-use crate::dialect::{Dialect, RequestError, app_service, imds};
+use crate::dialect::{Dialect, RequestError, app_service, cloud_shell, imds};
 
 mod listen;
 
@@ -68,8 +68,10 @@ pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> Router {
         // msal-node (and so @azure/identity) canonicalises AZURE_POD_IDENTITY_AUTHORITY_HOST + path with a
         // trailing slash: `/metadata/identity/oauth2/token/`. Same endpoint.
         .route(imds::PATH_SLASH, get(imds::token))
-        .route(app_service::PATH, get(app_service::token))
-        .route(app_service::PATH_SLASH, get(app_service::token))
+        // App Service 2019 and 2017 / Azure ML (GET), Cloud Shell and msrestazure (POST): one
+        // MSI_ENDPOINT / IDENTITY_ENDPOINT value serves them all.
+        .route(app_service::PATH, get(app_service::token).post(cloud_shell::token))
+        .route(app_service::PATH_SLASH, get(app_service::token).post(cloud_shell::token))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -89,7 +91,7 @@ async fn host_guard(State(hosts): State<Arc<HostPolicy>>, req: Request, next: Ne
                 return RequestError::bad_request(format!(
                     "header Host {shown:?} is not a loopback name or address; tokend only answers requests addressed to this machine"
                 ))
-                .into_response(Dialect::for_path(path));
+                .into_response(Dialect::for_request(req.method(), path));
             }
         }
     }
@@ -117,7 +119,7 @@ async fn size_guard(req: Request, next: Next) -> Response {
         return next.run(req).await;
     };
     RequestError { status, code: "invalid_request", description, retry_after: None }
-        .into_response(Dialect::for_path(req.uri().path()))
+        .into_response(Dialect::for_request(req.method(), req.uri().path()))
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -142,19 +144,22 @@ async fn not_found(req: Request) -> Response {
         description: format!("no such endpoint {shown:?}; tokens are at {} and {}", imds::PATH, app_service::PATH),
         retry_after: None,
     }
-    .into_response(Dialect::for_path(path))
+    .into_response(Dialect::for_request(req.method(), path))
 }
 
 async fn method_not_allowed(req: Request) -> Response {
     let method = req.method().clone();
+    let msi = req.uri().path().starts_with("/msi/");
+    let (allow, hint) =
+        if msi { ("GET, HEAD, POST", "use GET, or POST with a form body") } else { ("GET, HEAD", "use GET") };
     let mut resp = RequestError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         code: "method_not_allowed",
-        description: format!("method {method} is not allowed; use GET"),
+        description: format!("method {method} is not allowed; {hint}"),
         retry_after: None,
     }
-    .into_response(Dialect::for_path(req.uri().path()));
-    resp.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+    .into_response(Dialect::for_request(req.method(), req.uri().path()));
+    resp.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
     resp
 }
 
@@ -285,6 +290,84 @@ mod tests {
         assert_eq!((status, body["error"].as_str()), (StatusCode::URI_TOO_LONG, Some("invalid_request")));
         let (status, _, body) = call(&app, request("/readyz").body(Body::empty()).expect("req")).await;
         assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ready")));
+    }
+
+    /// App Service 2017 / Azure ML (`secret`, `clientid`) and the Cloud Shell POST, at the App Service path.
+    #[tokio::test]
+    async fn the_older_dialects_at_the_app_service_path() {
+        let (app, _dir) = app();
+        let get_2017 = |query: &str, secret: Option<&str>| {
+            let mut r =
+                request(&format!("/msi/token/?resource=https://storage.azure.com&api-version=2017-09-01{query}"));
+            if let Some(s) = secret {
+                r = r.header("secret", s);
+            }
+            r.body(Body::empty()).expect("req")
+        };
+        let (status, _, body) = call(&app, get_2017("&clientid=cid", Some("header-secret"))).await;
+        assert_eq!((status, body["access_token"].as_str()), (StatusCode::OK, Some("fixed-token")), "{body}");
+        assert!(body["expires_on"].as_str().is_some_and(|v| v.bytes().all(|b| b.is_ascii_digit())), "epoch: {body}");
+        assert_eq!(
+            (body["resource"].as_str(), body["token_type"].as_str()),
+            (Some("https://storage.azure.com"), Some("Bearer"))
+        );
+        for (secret, needle) in [(None, "header secret is missing"), (Some("nope"), "does not match MSI_SECRET")] {
+            let (status, _, body) = call(&app, get_2017("", secret)).await;
+            assert_eq!((status, body["statusCode"].as_u64()), (StatusCode::UNAUTHORIZED, Some(401)), "{body}");
+            assert!(body["message"].as_str().is_some_and(|m| m.contains(needle)), "{body}");
+        }
+        // X-IDENTITY-HEADER does not stand in for `secret` on 2017, and `clientid` is 2017's only.
+        let wrong_header = request("/msi/token?resource=r&api-version=2017-09-01")
+            .header("X-IDENTITY-HEADER", "header-secret")
+            .body(Body::empty())
+            .expect("req");
+        assert_eq!(call(&app, wrong_header).await.0, StatusCode::UNAUTHORIZED);
+        let (status, _, body) = call(&app, get_2017("&clientid=nobody", Some("header-secret"))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "an unknown clientid is a 400, never a 404: {body}");
+
+        let post = |content_type: &str, body: &str, metadata: bool| {
+            let mut r = axum::http::Request::post("/msi/token").header(header::HOST, "localhost");
+            if metadata {
+                r = r.header("Metadata", "true");
+            }
+            r.header(header::CONTENT_TYPE, content_type).body(Body::from(body.to_owned())).expect("req")
+        };
+        let form = "application/x-www-form-urlencoded";
+        let (status, _, body) =
+            call(&app, post(form, "resource=https%3A%2F%2Fvault.azure.net&client_id=cid", true)).await;
+        assert_eq!((status, body["access_token"].as_str()), (StatusCode::OK, Some("fixed-token")), "{body}");
+        assert_eq!(body["resource"], "https://vault.azure.net");
+        let cases = [
+            (post(form, "resource=r", false), StatusCode::BAD_REQUEST, "Required metadata header"),
+            (post("application/json", r#"{"resource":"r"}"#, true), StatusCode::UNSUPPORTED_MEDIA_TYPE, "Content-Type"),
+            (post(form, &format!("resource=r&x={}", "a".repeat(5000)), true), StatusCode::PAYLOAD_TOO_LARGE, "4096"),
+            (post(form, "client_id=cid", true), StatusCode::BAD_REQUEST, "form field resource is required"),
+            (
+                post(form, "resource=r&resource=s", true),
+                StatusCode::BAD_REQUEST,
+                "form field \"resource\" appears more than once",
+            ),
+            (post(form, "resource=r&object_id=nobody", true), StatusCode::BAD_REQUEST, "Identity not found"),
+        ];
+        for (req, expected, needle) in cases {
+            let (status, _, body) = call(&app, req).await;
+            assert_eq!(status, expected, "{body}");
+            assert!(body["error_description"].as_str().is_some_and(|d| d.contains(needle)), "{needle}: {body}");
+        }
+        let with_query = axum::http::Request::post("/msi/token?resource=r")
+            .header(header::HOST, "localhost")
+            .header("Metadata", "true")
+            .header(header::CONTENT_TYPE, form)
+            .body(Body::from("resource=r"))
+            .expect("req");
+        assert_eq!(call(&app, with_query).await.0, StatusCode::BAD_REQUEST);
+        let put =
+            axum::http::Request::put("/msi/token").header(header::HOST, "localhost").body(Body::empty()).expect("req");
+        let (status, headers, _) = call(&app, put).await;
+        assert_eq!(
+            (status, &headers[header::ALLOW]),
+            (StatusCode::METHOD_NOT_ALLOWED, &header::HeaderValue::from_static("GET, HEAD, POST"))
+        );
     }
 
     #[test]

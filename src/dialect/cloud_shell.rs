@@ -1,0 +1,78 @@
+//! The Cloud Shell dialect: `POST /msi/token` (and `/msi/token/`) with a form body `resource=…` (and
+//! optionally `client_id`, `object_id`, `msi_res_id`), guarded by `Metadata: true` like IMDS. It is what
+//! `MSI_ENDPOINT` alone means to azure-identity (its Cloud Shell path), and what msrestazure's
+//! `MSIAuthentication` sends whenever `MSI_ENDPOINT` is set — on Azure ML compute too.
+//!
+//! Errors are in the IMDS shape. The body is bounded ([`MAX_FORM`]: 413 beyond it); a body that is not
+//! `application/x-www-form-urlencoded` is a 415; parameters belong in the body, so a query string is a 400.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+
+use super::{Asker, Dialect, Params, RequestError, TokenQuery, answer, header_str, parse_params};
+use crate::broker::Broker;
+
+/// Largest form body read (real ones are a resource URI and perhaps one selector).
+pub(crate) const MAX_FORM: usize = 4 * 1024;
+
+/// The handler.
+pub(crate) async fn token(
+    State(broker): State<Arc<Broker>>,
+    asker: Asker,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    let checked = check(&headers, query.as_deref(), body).await;
+    match answer(&broker, asker, Dialect::CloudShell, checked).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(Dialect::CloudShell),
+    }
+}
+
+async fn check(headers: &HeaderMap, query: Option<&str>, body: Body) -> Result<TokenQuery, RequestError> {
+    if header_str(headers, "metadata") != Some("true") {
+        return Err(RequestError::bad_request("Required metadata header not specified"));
+    }
+    for h in ["x-forwarded-for", "forwarded"] {
+        if headers.contains_key(h) {
+            return Err(RequestError::bad_request(format!(
+                "header {h} is not allowed: the metadata endpoint does not accept proxied requests"
+            )));
+        }
+    }
+    if query.is_some_and(|q| !q.is_empty()) {
+        return Err(RequestError::bad_request(
+            "a POST carries its parameters in an application/x-www-form-urlencoded body, not in the query string",
+        ));
+    }
+    let content_type = header_str(headers, header::CONTENT_TYPE.as_str()).unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        let shown: String = content_type.chars().take(64).collect();
+        return Err(RequestError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: "invalid_request",
+            description: format!(
+                "header Content-Type {shown:?}: the body must be application/x-www-form-urlencoded (resource=...)"
+            ),
+            retry_after: None,
+        });
+    }
+    let bytes = axum::body::to_bytes(body, MAX_FORM).await.map_err(|_| RequestError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        code: "invalid_request",
+        description: format!("the form body is larger than {MAX_FORM} bytes"),
+        retry_after: None,
+    })?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| RequestError::bad_request("the form body is not UTF-8"))?;
+    let q = parse_params(Some(text.trim_end_matches(['\r', '\n'])), Params::Form)?;
+    if q.resource.is_none() {
+        return Err(RequestError::bad_request("form field resource is required"));
+    }
+    Ok(q)
+}
