@@ -21,6 +21,9 @@ use crate::broker::Broker;
 pub(crate) const PATH: &str = "/msi/token";
 /// The same with a trailing slash.
 pub(crate) const PATH_SLASH: &str = "/msi/token/";
+/// What msrestazure's App Service 2017 GET asks for when `MSI_ENDPOINT` ends in a slash (as App Service's
+/// own value did): it appends `/?resource=…` to the variable.
+pub(crate) const PATH_DOUBLE_SLASH: &str = "/msi/token//";
 /// Oldest api-version accepted with `X-IDENTITY-HEADER`.
 pub(crate) const MIN_API_VERSION: &str = "2019-08-01";
 /// The one older api-version served: App Service 2017 / Azure ML, with the `secret` header.

@@ -72,6 +72,7 @@ pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> Router {
         // MSI_ENDPOINT / IDENTITY_ENDPOINT value serves them all.
         .route(app_service::PATH, get(app_service::token).post(cloud_shell::token))
         .route(app_service::PATH_SLASH, get(app_service::token).post(cloud_shell::token))
+        .route(app_service::PATH_DOUBLE_SLASH, get(app_service::token))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -306,6 +307,12 @@ mod tests {
         };
         let (status, _, body) = call(&app, get_2017("&clientid=cid", Some("header-secret"))).await;
         assert_eq!((status, body["access_token"].as_str()), (StatusCode::OK, Some("fixed-token")), "{body}");
+        // msrestazure with MSI_ENDPOINT ending in a slash, as App Service's own value did.
+        let double = request("/msi/token//?resource=https://storage.azure.com&api-version=2017-09-01")
+            .header("secret", "header-secret")
+            .body(Body::empty())
+            .expect("req");
+        assert_eq!(call(&app, double).await.0, StatusCode::OK);
         assert!(body["expires_on"].as_str().is_some_and(|v| v.bytes().all(|b| b.is_ascii_digit())), "epoch: {body}");
         assert_eq!(
             (body["resource"].as_str(), body["token_type"].as_str()),

@@ -17,10 +17,6 @@ use crate::support::*;
 
 const ARM: &str = "https://management.azure.com/";
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// The az executable: `$TOKEND_TEST_AZ`, else the one scripts/test.sh installs.
 fn az_exe() -> PathBuf {
     let p = std::env::var_os("TOKEND_TEST_AZ").map_or_else(|| repo().join(".venv-azcli/bin/az"), PathBuf::from);

@@ -20,10 +20,6 @@ const QUERY: &str = "api-version=2018-02-01&resource=https://management.azure.co
 /// Per schemathesis run; a healthy run takes well under 15 s.
 const RUN_LIMIT: Duration = Duration::from_secs(90);
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// The schemathesis CLI: `$TOKEND_TEST_SCHEMATHESIS`, else the one scripts/test.sh installs.
 fn schemathesis_exe() -> PathBuf {
     let p = std::env::var_os("TOKEND_TEST_SCHEMATHESIS")

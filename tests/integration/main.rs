@@ -5,6 +5,7 @@
 #![allow(unreachable_pub)]
 
 mod azcli;
+mod azureml;
 mod callers;
 mod cli;
 mod clients;

@@ -17,7 +17,8 @@ pub const SECRET: &str = "Sup3r~Secret.Value_1";
 pub const CLIENT_ID_2: &str = "broker-secret-2";
 pub const SECRET_2: &str = "Second~Secret.Value_2";
 
-fn repo() -> PathBuf {
+/// The repository's root.
+pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -403,6 +404,8 @@ pub enum Client {
     AzureIdentityPython,
     /// msal-python's ManagedIdentityClient (tests/clients/msal_token.py).
     MsalPython,
+    /// msrestazure's MSIAuthentication, Azure ML's v1 SDK (tests/clients/msrest_token.py).
+    MsrestazurePython,
     /// The Rust SDK, azure_identity 1.0 (tests/clients/rust, its own crate).
     AzureIdentityRust,
     /// JavaScript @azure/identity (tests/clients/js/get_token.mjs).
@@ -423,6 +426,7 @@ fn client_program(client: Client) -> (PathBuf, Vec<PathBuf>) {
     match client {
         Client::AzureIdentityPython => (python(), vec![repo().join("tests/clients/get_token.py")]),
         Client::MsalPython => (python(), vec![repo().join("tests/clients/msal_token.py")]),
+        Client::MsrestazurePython => (python(), vec![repo().join("tests/clients/msrest_token.py")]),
         Client::AzureIdentityRust => {
             let bin = std::env::var_os("TOKEND_TEST_RUST_SDK")
                 .map_or_else(|| repo().join("target/rust-sdk-client/debug/rust_sdk_token"), PathBuf::from);
