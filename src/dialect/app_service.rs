@@ -6,7 +6,8 @@
 //!   App Service shape; the success body is the same superset (Azure ML's clients parse `expires_on` as
 //!   epoch seconds — MSAL only that way — so the App Service 2017 date form is never sent).
 //!
-//! Both compare the secret in constant time; a missing or wrong one is a 401.
+//! The secret is accepted in either header with either version (it is the same secret; clients send
+//! the one their version names), exactly once, compared in constant time; missing or wrong is a 401.
 
 use std::sync::Arc;
 
@@ -22,7 +23,7 @@ pub(crate) const PATH: &str = "/msi/token";
 /// The same with a trailing slash.
 pub(crate) const PATH_SLASH: &str = "/msi/token/";
 /// What msrestazure's App Service 2017 GET asks for when `MSI_ENDPOINT` ends in a slash (as App Service's
-/// own value did): it appends `/?resource=…` to the variable.
+/// own value did): it appends `/?resource=…` to the variable. Served like the other two, POST included.
 pub(crate) const PATH_DOUBLE_SLASH: &str = "/msi/token//";
 /// Oldest api-version accepted with `X-IDENTITY-HEADER`.
 pub(crate) const MIN_API_VERSION: &str = "2019-08-01";
@@ -55,18 +56,16 @@ fn unauthorized(description: String) -> RequestError {
     RequestError { status: StatusCode::UNAUTHORIZED, code: "unauthorized", description, retry_after: None }
 }
 
-/// Exactly one `header` (lower case; `shown` in messages) whose value matches the identity header
-/// secret (`env` names the variable clients read it from, for the message).
-fn check_secret(
-    broker: &Broker,
-    headers: &HeaderMap,
-    (header, shown): (&str, &str),
-    env: &str,
-) -> Result<(), RequestError> {
-    let mut presented = headers.get_all(header).iter();
+/// The secret, given exactly once in `X-IDENTITY-HEADER` or `secret`, matches the identity header
+/// secret. Messages name the header (and variable) of the request's version.
+fn check_secret(broker: &Broker, headers: &HeaderMap, is_2017: bool) -> Result<(), RequestError> {
+    let (shown, env) = if is_2017 { ("secret", "MSI_SECRET") } else { ("X-IDENTITY-HEADER", "IDENTITY_HEADER") };
+    let mut presented = headers.get_all(HEADER).iter().chain(headers.get_all(HEADER_2017).iter());
     match (presented.next(), presented.next()) {
         (None, _) => Err(unauthorized(format!("header {shown} is missing"))),
-        (Some(_), Some(_)) => Err(unauthorized(format!("header {shown} is given more than once"))),
+        (Some(_), Some(_)) => {
+            Err(unauthorized(format!("the secret is given more than once; send it once, in header {shown}")))
+        }
         (Some(v), None) if !broker.identity_header_matches(v.as_bytes()) => {
             Err(unauthorized(format!("header {shown} does not match {env}")))
         }
@@ -76,7 +75,7 @@ fn check_secret(
 
 /// The 2019 checks: exactly one matching `X-IDENTITY-HEADER`, a valid query and api-version.
 fn check(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<TokenQuery, RequestError> {
-    check_secret(broker, headers, (HEADER, "X-IDENTITY-HEADER"), "IDENTITY_HEADER")?;
+    check_secret(broker, headers, false)?;
     let q = parse_query(query)?;
     check_api_version(q.api_version.as_deref(), MIN_API_VERSION).map_err(|mut e| {
         e.description.push_str(&format!(" (or {API_VERSION_2017} with header secret)"));
@@ -87,6 +86,6 @@ fn check(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<To
 
 /// The 2017 / Azure ML checks: exactly one matching `secret` header, a valid query (`clientid` allowed).
 fn check_2017(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<TokenQuery, RequestError> {
-    check_secret(broker, headers, (HEADER_2017, "secret"), "MSI_SECRET")?;
+    check_secret(broker, headers, true)?;
     parse_params(query, Params::Query2017)
 }

@@ -57,10 +57,11 @@ pub(crate) enum Dialect {
 }
 
 impl Dialect {
-    /// The dialect whose error shape fits a request (under `/msi/`: App Service for GET, Cloud Shell for
-    /// POST; IMDS elsewhere).
+    /// The dialect whose error shape fits a request (under `/msi/`: App Service, but Cloud Shell for a
+    /// POST to a token path; IMDS elsewhere).
     pub(crate) fn for_request(method: &axum::http::Method, path: &str) -> Self {
-        match (path.starts_with("/msi/"), *method == axum::http::Method::POST) {
+        let token_path = [app_service::PATH, app_service::PATH_SLASH, app_service::PATH_DOUBLE_SLASH].contains(&path);
+        match (path.starts_with("/msi/"), token_path && *method == axum::http::Method::POST) {
             (true, true) => Self::CloudShell,
             (true, false) => Self::AppService,
             (false, _) => Self::Imds,

@@ -72,7 +72,7 @@ pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> Router {
         // MSI_ENDPOINT / IDENTITY_ENDPOINT value serves them all.
         .route(app_service::PATH, get(app_service::token).post(cloud_shell::token))
         .route(app_service::PATH_SLASH, get(app_service::token).post(cloud_shell::token))
-        .route(app_service::PATH_DOUBLE_SLASH, get(app_service::token))
+        .route(app_service::PATH_DOUBLE_SLASH, get(app_service::token).post(cloud_shell::token))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -323,12 +323,18 @@ mod tests {
             assert_eq!((status, body["statusCode"].as_u64()), (StatusCode::UNAUTHORIZED, Some(401)), "{body}");
             assert!(body["message"].as_str().is_some_and(|m| m.contains(needle)), "{body}");
         }
-        // X-IDENTITY-HEADER does not stand in for `secret` on 2017, and `clientid` is 2017's only.
-        let wrong_header = request("/msi/token?resource=r&api-version=2017-09-01")
+        // Either header carries the secret with either version, but only once.
+        let other_header = request("/msi/token?resource=https://storage.azure.com&api-version=2017-09-01")
             .header("X-IDENTITY-HEADER", "header-secret")
             .body(Body::empty())
             .expect("req");
-        assert_eq!(call(&app, wrong_header).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(call(&app, other_header).await.0, StatusCode::OK);
+        let both = request("/msi/token?resource=https://storage.azure.com&api-version=2019-08-01")
+            .header("X-IDENTITY-HEADER", "header-secret")
+            .header("secret", "header-secret")
+            .body(Body::empty())
+            .expect("req");
+        assert_eq!(call(&app, both).await.0, StatusCode::UNAUTHORIZED);
         let (status, _, body) = call(&app, get_2017("&clientid=nobody", Some("header-secret"))).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "an unknown clientid is a 400, never a 404: {body}");
 

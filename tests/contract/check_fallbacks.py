@@ -4,7 +4,7 @@ schemathesis checks every response of the documented GET operations. It also sen
 checks only their status and `Allow` header, and it never asks for an unknown path, sends HEAD or a
 foreign `Host`. This script does, and validates each answer against the spec's own components:
 
-- another method on every path: 405 `*MethodNotAllowed` (with `Allow`);
+- another method on every path: 405 `*MethodNotAllowed` (with `Allow`; POST is served under `/msi/`);
 - unknown paths: 404 `*NotFound`;
 - a `Host` that is not loopback on the token paths: 400 `*BadRequest`;
 - a request target over 8 KiB, headers over 16 KiB, on every path: 414 `*UriTooLong`, 431 `*HeadersTooLarge`;
@@ -33,7 +33,7 @@ UNKNOWN_PATHS = [
     "/healthz/",
     "/msi/",
     "/msi/nope",
-    "/msi/token//",
+    "/msi/token///",
 ]
 
 
@@ -120,6 +120,8 @@ def main() -> int:
 
     for path in spec["paths"]:
         for method in OTHER_METHODS:
+            if method.lower() in spec["paths"][path]:
+                continue
             resp, body = request(method, path)
             check(f"{method} {path}", resp, body, 405, f"{dialect(path)}MethodNotAllowed")
 
