@@ -24,7 +24,9 @@ async fn env_token_and_check() {
     assert!(text.contains(&format!("export IDENTITY_ENDPOINT='http://{}/msi/token'", t.addr)), "{text}");
     assert!(text.contains(&format!("export IDENTITY_HEADER='{}'", t.identity_header())), "{text}");
     assert!(text.contains(&format!("export AZURE_POD_IDENTITY_AUTHORITY_HOST='http://{}'", t.addr)), "{text}");
-    for never in ["MSI_ENDPOINT", "MSI_SECRET", "IMDS_ENDPOINT"] {
+    // MSI_* are unset, never exported; IMDS_ENDPOINT (the Arc flow) is never mentioned.
+    assert!(text.starts_with("unset MSI_ENDPOINT MSI_SECRET\n"), "{text}");
+    for never in ["export MSI_ENDPOINT", "export MSI_SECRET", "IMDS_ENDPOINT"] {
         assert!(!text.contains(never), "{text}");
     }
     // Ready for eval: the exported pair reaches a real request.
@@ -153,6 +155,15 @@ async fn dev_mode_prints_exports_and_serves_real_clients() {
     };
     let (endpoint, header, authority) =
         (export("IDENTITY_ENDPOINT"), export("IDENTITY_HEADER"), export("AZURE_POD_IDENTITY_AUTHORITY_HOST"));
+    // One line says how to get the Azure ML variables, with the same endpoint and secret.
+    let azureml =
+        lines.iter().find(|l| l.starts_with("# Code written for Azure ML compute")).expect("the Azure ML line");
+    assert!(
+        azureml.contains(&format!("export MSI_ENDPOINT='{endpoint}'"))
+            && azureml.contains(&format!("export MSI_SECRET='{header}'"))
+            && azureml.contains("unset IDENTITY_ENDPOINT IDENTITY_HEADER"),
+        "{azureml}"
+    );
     // The printed curl line, run as printed.
     let curl = lines
         .iter()
