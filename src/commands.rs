@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{Config, DEFAULT_LISTEN, IdentityHeaderSource, ServerConfig};
+use crate::daemon::systemd;
 use crate::dialect::{EnvDialect, imds};
 use crate::error::Error;
 use crate::idp::{IdpClient, MAX_CLOCK_SKEW};
@@ -71,6 +72,74 @@ fn client_addr(server: &ServerConfig) -> SocketAddr {
         .or_else(|| l.first())
         .copied()
         .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("DEFAULT_LISTEN is a valid socket address"))
+}
+
+/// `tokend reload`: sends SIGHUP to the running daemon `pid` (systemd's `$MAINPID`) and waits for its
+/// verdict in `state_dir` (`$RUNTIME_DIRECTORY`): `Ok` with a summary when the new configuration was
+/// applied, an error with the reason when it was rejected (the daemon keeps serving the previous one).
+/// It is the unit's `ExecReload=`, so `systemctl reload` fails on a rejected configuration.
+pub async fn reload(pid: Option<u32>, state_dir: Option<&Path>) -> Result<String, Error> {
+    let pid = pid.ok_or_else(|| Error::Usage("tokend reload: give --pid (systemd sets $MAINPID)".into()))?;
+    let dir = state_dir
+        .map(Path::to_path_buf)
+        .or_else(systemd::runtime_directory)
+        .ok_or_else(|| Error::Usage("tokend reload: give --state-dir (systemd sets $RUNTIME_DIRECTORY)".into()))?;
+    let file = dir.join(systemd::RELOAD_STATUS_FILE);
+    let read = || std::fs::read_to_string(&file).ok().and_then(|t| systemd::ReloadStatus::parse(&t));
+    let before = read().filter(|s| s.pid == pid).map_or(0, |s| s.seq);
+    let target = nix::unistd::Pid::from_raw(i32::try_from(pid).map_err(|_| Error::Usage(format!("--pid {pid}")))?);
+    nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGHUP)
+        .map_err(|e| anyhow::anyhow!("cannot send SIGHUP to tokend (pid {pid}): {e}"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = read().filter(|s| s.pid == pid && s.seq > before && s.reason == "SIGHUP") {
+            return if s.applied {
+                Ok(format!("configuration reloaded: {}", s.message))
+            } else {
+                Err(anyhow::anyhow!("configuration rejected, still serving the previous one: {}", s.message).into())
+            };
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(anyhow::anyhow!(
+                "tokend (pid {pid}) did not report the reload in {} within 60 s",
+                file.display()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `tokend health`: asks the running broker's `/readyz` (over its first TCP listener, or the unix
+/// socket when it has none): `Ok` with one line when every configured resource is cached, an error
+/// with one line otherwise. Never prints a token (there is none in `/readyz`).
+pub async fn health(config: &Path) -> Result<String, Error> {
+    let server = Config::load_server(config)?;
+    let target = match (server.listen.is_empty(), &server.unix_socket) {
+        (true, Some(unix)) => systemd::SelfCheck::Unix(unix.path.clone()),
+        _ => systemd::SelfCheck::Tcp(client_addr(&server)),
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), systemd::local_get(&target, "/readyz")).await;
+    let (status, body) = match answer {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return Err(anyhow::anyhow!("unhealthy: cannot reach tokend at {target:?}: {e}").into()),
+        Err(_) => return Err(anyhow::anyhow!("unhealthy: tokend at {target:?} did not answer within 10 s").into()),
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let resources = v["resources"].as_u64().unwrap_or(0);
+    match status {
+        200 => Ok(format!("ready: {resources} configured tokens cached")),
+        503 => {
+            let pending: Vec<&str> = v["pending"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+            Err(anyhow::anyhow!(
+                "not ready: {} of {resources} configured tokens pending: {}",
+                pending.len(),
+                pending.join(", ")
+            )
+            .into())
+        }
+        other => Err(anyhow::anyhow!("unhealthy: /readyz answered HTTP {other}").into()),
+    }
 }
 
 /// `tokend token`: asks the running broker (IMDS route) and returns only the access token.

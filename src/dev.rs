@@ -158,6 +158,7 @@ fn dev_config(issuer: &DevIssuer, listen: SocketAddr) -> anyhow::Result<Config> 
         identities: vec![identity],
         access: None,
         audit_path: None,
+        metrics_listen: None,
         warnings: Vec::new(),
         watched: Vec::new(),
     })

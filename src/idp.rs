@@ -60,8 +60,26 @@ impl IdpClient {
         *self.last_skew.lock()
     }
 
-    /// One client-credentials request for `resource` as `identity`.
+    /// One client-credentials request for `resource` as `identity`, timed and counted in the metrics
+    /// (a credential that cannot be used fails before any request and is counted as an error only).
     pub(crate) async fn fetch(&self, identity: &Identity, resource: &Resource) -> Result<IssuedToken, FetchError> {
+        let started = std::time::Instant::now();
+        let result = self.request(identity, resource).await;
+        let failure = result.as_ref().err().map(|e| match e {
+            FetchError::CredentialRejected { .. } => 0,
+            FetchError::BadResource { .. } => 1,
+            FetchError::Rejected { .. } => 2,
+            FetchError::Throttled { .. } => 3,
+            FetchError::ServerError { .. } => 4,
+            FetchError::Transport { .. } => 5,
+            FetchError::CredentialUnusable { .. } => 6,
+            FetchError::Malformed { .. } => 7,
+        });
+        crate::metrics::get().upstream(started.elapsed(), failure);
+        result
+    }
+
+    async fn request(&self, identity: &Identity, resource: &Resource) -> Result<IssuedToken, FetchError> {
         let url = &identity.token_url;
         let scope = match identity.api {
             TokenApi::V2 => ("scope", resource.scope()),
@@ -90,6 +108,7 @@ impl IdpClient {
         let status = resp.status().as_u16();
         if let Some(skew) = clock_skew(resp.headers().get(reqwest::header::DATE), SystemTime::now()) {
             *self.last_skew.lock() = Some(skew);
+            crate::metrics::get().clock_skew(skew);
             if skew.unsigned_abs() > MAX_CLOCK_SKEW.as_secs() {
                 tracing::warn!(
                     identity = %identity.name,

@@ -24,6 +24,7 @@ mod dialect;
 mod error;
 mod identity;
 mod idp;
+mod metrics;
 mod net;
 mod process;
 mod resource;

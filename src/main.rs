@@ -51,6 +51,22 @@ enum Command {
         #[arg(long, default_value = commands::ENV_DIALECTS[0], value_parser = clap::builder::PossibleValuesParser::new(commands::ENV_DIALECTS))]
         dialect: String,
     },
+    /// Reload the running broker and wait for the verdict (systemd's ExecReload=): exit 0 when the new
+    /// configuration was applied, 1 when it was rejected (the previous one keeps serving).
+    Reload {
+        /// The broker's pid.
+        #[arg(long, env = "MAINPID")]
+        pid: Option<u32>,
+        /// Where the broker reports reloads (systemd's RuntimeDirectory=).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Ask the running broker whether it is ready (every configured token cached): one line, exit 0 or 1.
+    Health {
+        /// Configuration file (to find the broker's address).
+        #[arg(long, env = "TOKEND_CONFIG", default_value = "/etc/tokend/tokend.toml")]
+        config: PathBuf,
+    },
     /// Ask the running broker for a token and print only the token.
     Token {
         /// Configuration file (to find the broker's address).
@@ -129,6 +145,8 @@ async fn dispatch(command: Command) -> Result<bool, tokend::Error> {
         Command::Serve { config } => commands::serve(&config).await?,
         Command::Dev { listen } => commands::dev(listen).await?,
         Command::Env { config, dialect } => print!("{}", commands::env(&config, &dialect)?),
+        Command::Reload { pid, state_dir } => println!("{}", commands::reload(pid, state_dir.as_deref()).await?),
+        Command::Health { config } => println!("{}", commands::health(&config).await?),
         Command::Token { config, resource, client_id } => {
             println!("{}", commands::token(&config, &resource, client_id.as_deref()).await?);
         }

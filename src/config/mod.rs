@@ -163,6 +163,8 @@ pub(crate) struct Config {
     pub(crate) access: Option<Access>,
     /// `[audit] path`, resolved.
     pub(crate) audit_path: Option<PathBuf>,
+    /// `[metrics] listen`.
+    pub(crate) metrics_listen: Option<SocketAddr>,
     /// Things worth a warning that are not errors (e.g. a secret file others can read).
     pub(crate) warnings: Vec<String>,
     /// Credential files (secrets, certificates, passwords) whose change triggers a reload.

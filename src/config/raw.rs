@@ -24,6 +24,18 @@ pub(super) struct RawConfig {
     pub access: Option<RawAccess>,
     /// `[audit]`
     pub audit: Option<RawAudit>,
+    /// `[metrics]`
+    pub metrics: Option<RawMetrics>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    /// The Prometheus listener, e.g. `127.0.0.1:9464`.
+    pub listen: Option<String>,
+    /// Allow a non-loopback metrics address (metrics name identities and resources, never tokens).
+    pub allow_non_loopback: Option<bool>,
 }
 
 /// `[audit]`

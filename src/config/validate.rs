@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawServer, RawTokens, RawUpstream};
+use super::raw::{RawConfig, RawMetrics, RawServer, RawTokens, RawUpstream};
 use super::{Config, ConfigError, DEFAULT_IDENTITY_HEADER_FILE, DEFAULT_LISTEN, IdentityHeaderSource, ServerConfig};
 use super::{DEFAULT_SOCKET_MODE, TokensConfig, UnixSocketConfig, UpstreamConfig};
 use crate::access::Rate;
@@ -88,6 +88,7 @@ impl<'a> Validator<'a> {
                 }
             },
         };
+        let metrics_listen = raw.metrics.map(|m| self.metrics(m, &server)).transpose()?;
         Ok(Config {
             source: self.path,
             server,
@@ -96,9 +97,34 @@ impl<'a> Validator<'a> {
             identities,
             access,
             audit_path,
+            metrics_listen,
             warnings: self.warnings,
             watched: self.watched,
         })
+    }
+
+    fn metrics(&self, raw: RawMetrics, server: &ServerConfig) -> Result<SocketAddr, ConfigError> {
+        let Some(text) = raw.listen else {
+            return Err(self.err("metrics.listen", "missing; give the Prometheus listener, e.g. \"127.0.0.1:9464\""));
+        };
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            self.err("metrics.listen", format!("{text:?} is not an IP:port address (e.g. \"127.0.0.1:9464\")"))
+        })?;
+        if !addr.ip().is_loopback() && !raw.allow_non_loopback.unwrap_or(false) {
+            return Err(self.err(
+                "metrics.listen",
+                format!(
+                    "{addr} is not a loopback address; set metrics.allow_non_loopback = true to expose the metrics"
+                ),
+            ));
+        }
+        if server.listen.iter().any(|l| {
+            l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified() || addr.ip().is_unspecified())
+        }) {
+            return Err(self
+                .err("metrics.listen", format!("{addr} is a token listener (server.listen); metrics get their own")));
+        }
+        Ok(addr)
     }
 
     pub(super) fn server(&mut self, raw: RawServer) -> Result<ServerConfig, ConfigError> {

@@ -201,6 +201,11 @@ impl Certificate {
         format!("{}:{:?}:{}", self.x5t_s256, self.alg, self.send_chain)
     }
 
+    /// When the certificate expires (its `notAfter`).
+    pub(crate) fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
     /// A warning when the certificate (read from `path`) expires within [`EXPIRY_WARNING`] of `now`, or has expired.
     pub(crate) fn expiry_warning(&self, path: &Path, now: SystemTime) -> Option<String> {
         let when = httpdate::fmt_http_date(self.not_after);

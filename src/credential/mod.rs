@@ -99,6 +99,14 @@ impl ClientCredential {
         }
     }
 
+    /// When the credential stops working, if it says (a certificate's `notAfter`).
+    pub(crate) fn expires(&self) -> Option<std::time::SystemTime> {
+        match self {
+            Self::Certificate { cert, .. } => Some(cert.not_after()),
+            Self::Secret { .. } | Self::Federated { .. } => None,
+        }
+    }
+
     /// Identifies the credential without revealing it (a SHA-256 prefix of a secret, a certificate's
     /// thumbprint and algorithm, a federated file's path): equal fingerprints, same credential.
     pub(crate) fn fingerprint(&self) -> String {

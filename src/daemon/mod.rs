@@ -3,11 +3,12 @@
 //! (every listener, before anything is served), **serve** (the broker, the reloader), **drain** (on
 //! SIGTERM/SIGINT, bounded). systemd notification and the metrics listener belong here.
 //!
-//! Submodules: [`reload`] (credential files polled, SIGHUP reloads the whole file) and [`signal`]
-//! (SIGTERM/SIGINT).
+//! Submodules: [`reload`] (credential files polled, SIGHUP reloads the whole file), [`signal`]
+//! (SIGTERM/SIGINT) and [`systemd`] (readiness, status, reload outcome, watchdog).
 
 pub(crate) mod reload;
 pub(crate) mod signal;
+pub(crate) mod systemd;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ pub(crate) struct Prepared {
     pub(crate) identity_header: SecretString,
     /// The audit log, opened.
     pub(crate) audit: Option<AuditLog>,
+    /// Listening sockets systemd passed (socket activation); none for `tokend dev`.
+    pub(crate) inherited: server::Inherited,
 }
 
 /// Loads (or creates) the identity header, checks that the unix socket path is free or a socket, and
@@ -65,7 +68,7 @@ pub(crate) fn prepare(mut config: Config) -> Result<Prepared, ConfigError> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    Ok(Prepared { config, identity_header, audit })
+    Ok(Prepared { config, identity_header, audit, inherited: server::Inherited::default() })
 }
 
 /// Makes the process non-dumpable before it reads a secret: no core dumps, and processes of the same
@@ -76,14 +79,54 @@ pub(crate) fn harden() -> Result<(), Error> {
         .map_err(|e| Error::Runtime(anyhow::anyhow!("cannot turn off PR_SET_DUMPABLE: {e}")))
 }
 
+/// Serves `GET /metrics` (Prometheus text format 0.0.4) on its own listener until `cancel`.
+async fn serve_metrics(listener: tokio::net::TcpListener, broker: Arc<Broker>, cancel: CancellationToken) {
+    use axum::http::header;
+    let scrape = move || {
+        let broker = broker.clone();
+        async move {
+            let text = crate::metrics::get().encode(|s| {
+                for t in broker.readiness() {
+                    s.token(&t.identity, t.resource.as_str(), t.remaining, t.ready);
+                }
+                for identity in broker.snapshot().identities.iter() {
+                    if let Some(at) = identity.credential.expires() {
+                        s.credential_expiry(&identity.name, crate::clock::unix_secs(at));
+                    }
+                }
+                s.on_demand(broker.cache().on_demand());
+            });
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+        }
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
+        tracing::error!(error = %e, "the metrics listener failed");
+    }
+}
+
 /// `tokend serve`: loads `path`, probes transparent IMDS listeners, then runs until SIGTERM/SIGINT.
 pub(crate) async fn serve(path: &Path) -> Result<(), Error> {
     harden()?;
-    let prepared = prepare(Config::load(path)?)?;
-    // Transparent IMDS: never shadow a metadata service that already answers there.
-    for addr in prepared.config.server.listen.iter().filter(|a| is_imds_ip(a.ip())) {
+    let mut prepared = prepare(Config::load(path)?)?;
+    let inherited = server::Inherited::from_systemd()
+        .map_err(|e| Error::Runtime(anyhow::anyhow!("cannot take the sockets systemd passed: {e}")))?;
+    let unclaimed = inherited.unclaimed(&prepared.config.server);
+    if !unclaimed.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}: systemd passed sockets for {} that server.listen / server.unix_socket do not name; add them there",
+            prepared.config.source,
+            unclaimed.join(", ")
+        )));
+    }
+    // Transparent IMDS: never shadow a metadata service that already answers there. A socket systemd
+    // passed was probed by its unit (`tokend transparent-imds setup` in ExecStartPre=).
+    for addr in prepared.config.server.listen.iter().filter(|a| is_imds_ip(a.ip()) && !inherited.has_tcp(a)) {
         crate::transparent::probe(*addr).await.map_err(|e| Error::Usage(e.to_string()))?;
     }
+    prepared.inherited = inherited;
     let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
     run(prepared, Some(path.to_path_buf()), tracker, cancel, |_| {}, signal::shutdown()).await?;
     Ok(())
@@ -101,15 +144,31 @@ pub(crate) async fn run(
     on_listening: impl FnOnce(&[SocketAddr]),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let Prepared { config, identity_header, audit } = prepared;
+    let Prepared { config, identity_header, audit, inherited } = prepared;
     let source: Arc<dyn TokenSource> =
         Arc::new(IdpClient::new(&config.upstream).context("cannot set up the HTTPS client")?);
-    let listeners = server::bind(&config.server).await?;
+    let listeners = server::bind(&config.server, inherited).await?;
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(server::Listener::tcp_addr).collect();
     let described: Vec<String> = listeners.iter().map(server::Listener::describe).collect();
     let lookup_processes = audit.is_some();
     let broker = Broker::start(&config, identity_header, audit, source, &tracker, &cancel);
     tracker.spawn(reload::run(reload_from, config.clone(), broker.clone(), cancel.clone()));
+    let check = match (bound.first(), &config.server.unix_socket) {
+        (Some(addr), _) => systemd::SelfCheck::Tcp(*addr),
+        (None, Some(unix)) => systemd::SelfCheck::Unix(unix.path.clone()),
+        (None, None) => systemd::SelfCheck::None,
+    };
+    tracker.spawn(systemd::readiness(broker.clone(), described.join(", "), cancel.clone()));
+    tracker.spawn(systemd::watchdog(broker.clone(), check, cancel.clone()));
+    let metrics = match config.metrics_listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?,
+        ),
+    };
+    let metrics_broker = broker.clone();
     let app = server::router(broker, HostPolicy::for_listen(&bound));
     let limits = server::Limits {
         max_connections_per_caller: config.server.max_connections_per_caller,
@@ -117,11 +176,14 @@ pub(crate) async fn run(
         ..server::Limits::default()
     };
     let serving = tracker.spawn(server::serve(listeners, app, cancel.clone(), limits));
+    if let Some(metrics) = metrics {
+        tracker.spawn(serve_metrics(metrics, metrics_broker, cancel.clone()));
+    }
     let identities: Vec<&str> = config.identities.iter().map(|i| i.name.as_str()).collect();
     tracing::info!(listen = ?described, identities = ?identities, "tokend serving");
     on_listening(&bound);
     tokio::select! {
-        () = shutdown => {}
+        () = shutdown => systemd::notify(&[sd_notify::NotifyState::Stopping]),
         joined = serving => {
             cancel.cancel();
             return match joined {

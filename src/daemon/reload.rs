@@ -4,6 +4,7 @@
 //!   [`POLL_INTERVAL`]: a changed content triggers a reload, so a rotated secret or certificate is picked
 //!   up within seconds.
 //! - SIGHUP reloads the whole file the same way.
+//! - Either way systemd hears `RELOADING=1` … `READY=1`, and `tokend reload` the outcome ([`super::systemd`]).
 //!
 //! A reload validates the new configuration completely first ([`Config::load`]: files read, certificates
 //! loaded and test-signed). A configuration that fails is rejected, loudly, and the previous one keeps
@@ -49,6 +50,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.audit_path != new.audit_path {
         out.push("audit.path");
     }
+    if old.metrics_listen != new.metrics_listen {
+        out.push("metrics.listen");
+    }
     if old.upstream.timeout != new.upstream.timeout {
         out.push("upstream.timeout");
     }
@@ -70,6 +74,7 @@ pub(crate) async fn run(path: Option<PathBuf>, initial: Config, broker: Arc<Brok
     };
     let mut current = initial;
     let mut seen = stamps(&current.watched);
+    let mut seq = 0u64;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -102,14 +107,26 @@ pub(crate) async fn run(path: Option<PathBuf>, initial: Config, broker: Arc<Brok
             tracing::warn!("{reason} ignored: tokend dev has no configuration file to reload");
             continue;
         };
-        if let Some(new) = reload(path, &current, &broker, &reason) {
-            current = new;
-            seen = stamps(&current.watched);
+        seq += 1;
+        super::systemd::reloading();
+        match reload(path, &current, &broker, &reason) {
+            Ok(new) => {
+                crate::metrics::get().reloaded(true);
+                let names: Vec<&str> = new.identities.iter().map(|i| i.name.as_str()).collect();
+                super::systemd::reloaded(seq, &reason, true, &format!("identities {}", names.join(", ")));
+                current = new;
+                seen = stamps(&current.watched);
+            }
+            Err(e) => {
+                crate::metrics::get().reloaded(false);
+                super::systemd::reloaded(seq, &reason, false, &e);
+            }
         }
     }
 }
 
-fn reload(path: &Path, current: &Config, broker: &Broker, reason: &str) -> Option<Config> {
+/// Loads and applies `path`; `Err` is why it was rejected (the previous configuration keeps serving).
+fn reload(path: &Path, current: &Config, broker: &Broker, reason: &str) -> Result<Config, String> {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -118,7 +135,7 @@ fn reload(path: &Path, current: &Config, broker: &Broker, reason: &str) -> Optio
                 error = %e,
                 "configuration reload REJECTED; still serving with the previous configuration and credentials"
             );
-            return None;
+            return Err(e.to_string());
         }
     };
     for w in &new.warnings {
@@ -131,7 +148,7 @@ fn reload(path: &Path, current: &Config, broker: &Broker, reason: &str) -> Optio
     broker.reload(&new);
     let names: Vec<&str> = new.identities.iter().map(|i| i.name.as_str()).collect();
     tracing::info!(reason, identities = ?names, "configuration reloaded");
-    Some(new)
+    Ok(new)
 }
 
 #[cfg(test)]

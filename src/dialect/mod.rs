@@ -68,6 +68,16 @@ impl Dialect {
         }
     }
 
+    /// Its index in `metrics::DIALECTS`.
+    pub(crate) fn metric_index(self) -> usize {
+        match self {
+            Self::Imds => 0,
+            Self::AppService => 1,
+            Self::AzureMl => 2,
+            Self::CloudShell => 3,
+        }
+    }
+
     /// Its name in logs and audit lines.
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -120,6 +130,7 @@ impl RequestError {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp.extensions_mut().insert(dialect);
         resp
     }
 }
@@ -250,7 +261,10 @@ pub(crate) async fn answer(
         };
         log.record(&caller, process, &record);
     }
-    result
+    result.map(|mut resp| {
+        resp.extensions_mut().insert(dialect);
+        resp
+    })
 }
 
 /// What `decide` got to, for the audit line.
@@ -281,6 +295,7 @@ async fn decide(
     seen.identity = Some(identity.name.clone());
     if let Some(access) = &snapshot.access {
         seen.rule = access.decide(caller, &identity.name, &resource).map_err(|denied| {
+            crate::metrics::get().denied();
             tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, reason = %denied, "token request denied");
             RequestError {
                 status: StatusCode::FORBIDDEN,
@@ -294,6 +309,7 @@ async fn decide(
     if let Err((rate, wait)) = broker.check_rate(caller) {
         tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, "token request rate-limited");
         seen.rate_limited = true;
+        crate::metrics::get().rate_limited();
         let secs = whole_seconds(wait);
         return Err(RequestError {
             status: StatusCode::TOO_MANY_REQUESTS,
@@ -304,10 +320,14 @@ async fn decide(
     }
     let Served { token, cache_hit } = broker.cache().get(&snapshot, caller, identity, &resource).await.map_err(|e| {
         tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
+        if matches!(e, TokenError::TooManyResources { .. } | TokenError::AddingTooFast { .. }) {
+            crate::metrics::get().on_demand_refused();
+        }
         RequestError::from(e)
     })?;
     tracing::debug!(%caller, identity = %identity.name, %resource, ?dialect, cache_hit, token = token.fingerprint(), "token served");
     seen.cache_hit = Some(cache_hit);
+    crate::metrics::get().served(cache_hit);
     seen.token = Some(token.fingerprint().to_owned());
     let now = unix_secs(SystemTime::now());
     let body = TokenBody {

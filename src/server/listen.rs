@@ -48,11 +48,79 @@ impl Listener {
     }
 }
 
+/// Listening sockets passed by systemd (socket activation), by address.
+#[derive(Debug, Default)]
+pub(crate) struct Inherited {
+    tcp: Vec<(SocketAddr, std::net::TcpListener)>,
+    unix: Vec<(PathBuf, std::os::unix::net::UnixListener)>,
+}
+
+impl Inherited {
+    /// Takes the sockets systemd passed this process (`LISTEN_FDS`, `LISTEN_PID`), once, at start-up. The
+    /// environment is left as it is (changing it is not thread-safe).
+    pub(crate) fn from_systemd() -> io::Result<Self> {
+        let mut out = Self::default();
+        for fd in sd_notify::listen_fds()? {
+            let fd = take_fd(fd);
+            let tcp = std::net::TcpListener::from(fd);
+            match tcp.local_addr() {
+                Ok(addr) => out.tcp.push((addr, tcp)),
+                Err(_) => {
+                    let unix = std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(tcp));
+                    let path = unix.local_addr()?.as_pathname().map(Path::to_path_buf).ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "systemd passed a socket that is neither TCP nor a unix socket with a path",
+                        )
+                    })?;
+                    out.unix.push((path, unix));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether systemd passed a socket for `addr`.
+    pub(crate) fn has_tcp(&self, addr: &SocketAddr) -> bool {
+        self.tcp.iter().any(|(a, _)| a == addr)
+    }
+
+    /// What systemd passed that the configuration does not name: a configuration error.
+    pub(crate) fn unclaimed(&self, server: &ServerConfig) -> Vec<String> {
+        let tcp = self.tcp.iter().filter(|(a, _)| !server.listen.contains(a)).map(|(a, _)| a.to_string());
+        let unix = self
+            .unix
+            .iter()
+            .filter(|(p, _)| server.unix_socket.as_ref().is_none_or(|u| &u.path != p))
+            .map(|(p, _)| format!("unix:{}", p.display()));
+        tcp.chain(unix).collect()
+    }
+}
+
+/// Owns a descriptor systemd passed. `sd_notify::listen_fds` checked `LISTEN_PID` and the range
+/// (3 .. 3 + `LISTEN_FDS`) and set `O_CLOEXEC`; this is called once per descriptor, at start-up.
+#[allow(unsafe_code)]
+fn take_fd(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: systemd's socket-activation protocol hands this process descriptors 3 .. 3+LISTEN_FDS
+    // (validated by listen_fds against LISTEN_PID); nothing else in tokend opens or owns them, and each
+    // is taken exactly once (Inherited::from_systemd runs once, before anything else uses descriptors).
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
 /// Binds every TCP address, then the unix socket, before anything is served, so a bad address fails
-/// start-up as a whole.
-pub(crate) async fn bind(server: &ServerConfig) -> io::Result<Vec<Listener>> {
+/// start-up as a whole. Addresses systemd passed a socket for (socket activation) take that socket
+/// instead: tokend needs no capability for port 80, and systemd owns the unix socket's mode and group.
+pub(crate) async fn bind(server: &ServerConfig, mut inherited: Inherited) -> io::Result<Vec<Listener>> {
     let mut out = Vec::with_capacity(server.listen.len() + 1);
     for addr in &server.listen {
+        if let Some(i) = inherited.tcp.iter().position(|(a, _)| a == addr) {
+            let (_, l) = inherited.tcp.swap_remove(i);
+            l.set_nonblocking(true)?;
+            tracing::info!(%addr, "listening on a socket passed by systemd");
+            out.push(Listener::Tcp(TcpListener::from_std(l)?));
+            continue;
+        }
         let l = TcpListener::bind(addr).await.map_err(|e| {
             let hint = match e.kind() {
                 io::ErrorKind::AddrNotAvailable if crate::net::is_imds_ip(addr.ip()) => {
@@ -69,9 +137,17 @@ pub(crate) async fn bind(server: &ServerConfig) -> io::Result<Vec<Listener>> {
         out.push(Listener::Tcp(l));
     }
     if let Some(unix) = &server.unix_socket {
-        out.push(bind_unix(unix).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot listen on server.unix_socket {}: {e}", unix.path.display()))
-        })?);
+        if let Some(i) = inherited.unix.iter().position(|(p, _)| *p == unix.path) {
+            let (path, l) = inherited.unix.swap_remove(i);
+            l.set_nonblocking(true)?;
+            tracing::info!(path = %path.display(), "listening on a unix socket passed by systemd (its mode and group are the socket unit's)");
+            // Inode 0: never removed at shutdown; the socket unit owns it.
+            out.push(Listener::Unix(UnixListener::from_std(l)?, path, 0));
+        } else {
+            out.push(bind_unix(unix).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on server.unix_socket {}: {e}", unix.path.display()))
+            })?);
+        }
     }
     Ok(out)
 }
@@ -174,7 +250,9 @@ pub(crate) async fn serve(
     let mut sockets = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
-        if let Listener::Unix(_, path, ino) = &listener {
+        if let Listener::Unix(_, path, ino) = &listener
+            && *ino != 0
+        {
             sockets.push((path.clone(), *ino));
         }
         let (app, stop, graceful) = (app.clone(), shutdown.clone(), graceful.clone());

@@ -18,10 +18,11 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::broker::Broker;
 use crate::dialect::{Dialect, RequestError, app_service, cloud_shell, imds};
+use crate::metrics::Route;
 
 mod listen;
 
-pub(crate) use listen::{Limits, Listener, bind, check_unix_path, serve};
+pub(crate) use listen::{Inherited, Limits, Listener, bind, check_unix_path, serve};
 
 /// Longest any request may take; callers are answered within `tokens.max_wait` well before this.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
@@ -80,7 +81,22 @@ pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> Router {
         .layer(middleware::from_fn_with_state(Arc::new(hosts), host_guard))
         .layer(middleware::from_fn(size_guard))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
+        .layer(middleware::from_fn(count))
         .with_state(broker)
+}
+
+/// Counts every answer by route, dialect and status (the outermost layer: guards' answers too).
+async fn count(req: Request, next: Next) -> Response {
+    let route = match req.uri().path() {
+        imds::PATH | imds::PATH_SLASH => Route::Imds,
+        app_service::PATH | app_service::PATH_SLASH | app_service::PATH_DOUBLE_SLASH => Route::Msi,
+        "/healthz" | "/readyz" => Route::Health,
+        _ => Route::Other,
+    };
+    let resp = next.run(req).await;
+    let dialect = resp.extensions().get::<Dialect>().map_or(crate::metrics::DIALECTS.len() - 1, |d| d.metric_index());
+    crate::metrics::get().request(route, dialect, resp.status().as_u16());
+    resp
 }
 
 async fn host_guard(State(hosts): State<Arc<HostPolicy>>, req: Request, next: Next) -> Response {

@@ -151,3 +151,20 @@ impl FetchError {
         }
     }
 }
+
+impl FetchError {
+    /// A few words for status lines and metrics labels: `IdP: HTTP 503`, `IdP: invalid_client`,
+    /// `IdP unreachable`.
+    pub(crate) fn short(&self) -> String {
+        match self {
+            Self::CredentialRejected { error, .. } | Self::BadResource { error, .. } | Self::Rejected { error, .. } => {
+                format!("IdP: {error}")
+            }
+            Self::Throttled { .. } => "IdP: HTTP 429".to_owned(),
+            Self::ServerError { status, .. } => format!("IdP: HTTP {status}"),
+            Self::Transport { .. } => "IdP unreachable".to_owned(),
+            Self::CredentialUnusable { .. } => "credential unusable".to_owned(),
+            Self::Malformed { .. } => "IdP: malformed answer".to_owned(),
+        }
+    }
+}

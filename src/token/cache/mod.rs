@@ -66,6 +66,8 @@ struct Entry {
     cancel: CancellationToken,
     /// The caller an on-demand entry counts against (`None`: configured when created).
     owner: Option<Owner>,
+    /// Whether its refresher task is running (set at creation, cleared when the task ends).
+    alive: AtomicBool,
 }
 
 /// Who an on-demand entry counts against: the uid of the caller that created it.
@@ -127,6 +129,10 @@ pub(crate) struct PinnedState {
     pub(crate) resource: Resource,
     /// Whether a servable token is cached.
     pub(crate) ready: bool,
+    /// The cached token's remaining lifetime, servable or not.
+    pub(crate) remaining: Option<Duration>,
+    /// The last attempt's failure, in a few words (`IdP: HTTP 503`), while it stands.
+    pub(crate) problem: Option<String>,
 }
 
 /// An identity-wide credential rejection: new keys of that identity fail fast instead of each calling
@@ -229,12 +235,16 @@ impl TokenCache {
             .identities
             .iter()
             .flat_map(|i| i.resources.iter().map(move |r| Key { identity: i.name.clone(), resource: r.clone() }))
-            .map(|key| PinnedState {
-                ready: entries
-                    .get(&key)
-                    .is_some_and(|e| e.slot.borrow().token.as_ref().is_some_and(|t| t.remaining(now) > min)),
-                identity: key.identity,
-                resource: key.resource,
+            .map(|key| {
+                let slot = entries.get(&key).map(|e| e.slot.borrow().clone()).unwrap_or_default();
+                let remaining = slot.token.as_ref().map(|t| t.remaining(now));
+                PinnedState {
+                    ready: remaining.is_some_and(|r| r > min),
+                    remaining,
+                    problem: slot.failure.as_ref().map(|f| f.short()),
+                    identity: key.identity,
+                    resource: key.resource,
+                }
             })
             .collect();
         out.sort_by(|a, b| (&a.identity, &a.resource).cmp(&(&b.identity, &b.resource)));
@@ -245,6 +255,17 @@ impl TokenCache {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.inner.entries.read().len()
+    }
+
+    /// Whether every entry's refresher task is still running (the watchdog's check: a refresher that
+    /// died would leave its entry never refreshed again).
+    pub(crate) fn refreshers_alive(&self) -> bool {
+        self.inner.entries.read().values().all(|e| e.alive.load(Ordering::SeqCst) || e.cancel.is_cancelled())
+    }
+
+    /// On-demand entries cached now, all callers together.
+    pub(crate) fn on_demand(&self) -> usize {
+        self.inner.counts.lock().total
     }
 
     /// A token for `resource` as `identity` (selected from `snapshot`) with more than `min_lifetime`
@@ -380,6 +401,7 @@ impl TokenCache {
             reset: AtomicBool::new(false),
             cancel: self.inner.cancel.child_token(),
             owner,
+            alive: AtomicBool::new(true),
         });
         map.insert(key.clone(), entry.clone());
         drop(map);

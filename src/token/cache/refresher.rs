@@ -46,6 +46,15 @@ impl Failure {
         self.cause.class()
     }
 
+    /// A few words for status lines (`IdP: HTTP 503`).
+    pub(super) fn short(&self) -> String {
+        match &self.cause {
+            Cause::Fetch(e) => e.short(),
+            Cause::TooShortLived(_) => "tokens too short-lived".to_owned(),
+            Cause::Panicked => "internal error".to_owned(),
+        }
+    }
+
     fn describe(&self) -> String {
         match &self.cause {
             Cause::Fetch(e) => e.to_string(),
@@ -83,6 +92,14 @@ enum Wake {
 }
 
 pub(super) async fn refresher(inner: Arc<Inner>, key: Key, entry: Arc<Entry>, tx: watch::Sender<Slot>) {
+    /// Marks the entry's refresher dead when this task ends, however it ends.
+    struct Alive(Arc<Entry>);
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            self.0.alive.store(false, Ordering::SeqCst);
+        }
+    }
+    let _alive = Alive(entry.clone());
     let mut delays = RetryDelays::new();
     loop {
         let snapshot = inner.live.load();
@@ -175,6 +192,7 @@ pub(super) async fn refresher(inner: Arc<Inner>, key: Key, entry: Arc<Entry>, tx
                     };
                     let delay = delays.next(class, retry_after);
                     let failure = Arc::new(Failure { cause, retry_at: Instant::now() + delay });
+                    crate::metrics::get().refresh_failed(&key.identity);
                     let still_served = tx.borrow().token.as_ref().is_some_and(|t| t.remaining(Instant::now()) > min);
                     tracing::warn!(
                         identity = %key.identity,
