@@ -3,8 +3,9 @@
 # Integration tests use a real identity provider (tests/idp, Node.js) and real Azure SDK clients
 # (tests/clients: Python venv in .venv-test, JavaScript in tests/clients/js, the Azure CLI in
 # .venv-azcli, the Rust SDK crate tests/clients/rust built into target/rust-sdk-client), and
-# schemathesis (.venv-contract) checks tokend against docs/openapi.yaml; all are installed or built
-# here on first use and reused after.
+# schemathesis (.venv-contract) checks tokend against docs/openapi.yaml; a Debian root file system
+# (target/nspawn) and the release binary serve the real-systemd test; all are installed or built here
+# on first use and reused after.
 #
 # Usage: scripts/test.sh [ARGS...]    ARGS are passed to `cargo test` (e.g. a test-name filter).
 set -euo pipefail
@@ -29,6 +30,24 @@ command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
     || die "node and npm are required for the test IdP: apt-get install nodejs npm"
 command -v python3 >/dev/null 2>&1 \
     || die "python3 is required for the Azure SDK test clients: apt-get install python3 python3-venv"
+
+# Debian packages the tests run: systemd-nspawn (the real-systemd test), mmdebstrap (its root file
+# system), promtool (the metrics check). Installed here when missing and this runs as root with apt.
+missing=()
+command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
+command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if ((${#missing[@]})); then
+    if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        banner "Installing Debian packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q --no-install-recommends "${missing[@]}" \
+            || { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
+            || die "cannot install ${missing[*]}: apt-get install ${missing[*]}"
+    else
+        die "the tests need ${missing[*]}: apt-get install ${missing[*]} (as root)"
+    fi
+fi
 
 # ---- installs, each redone only when its lock file changed -------------------------------------
 # npm_install DIR WHAT: `npm ci` in DIR when node_modules is missing or older than the lock.
@@ -91,6 +110,17 @@ cargo clippy --all-targets --locked -- -D warnings
 banner "cargo build --locked --manifest-path tests/clients/rust/Cargo.toml --target-dir target/rust-sdk-client"
 cargo build --locked --manifest-path tests/clients/rust/Cargo.toml --target-dir target/rust-sdk-client
 export TOKEND_TEST_RUST_SDK=$ROOT/target/rust-sdk-client/debug/rust_sdk_token
+
+# The real-systemd test boots a Debian root file system (built once with mmdebstrap, cached under
+# target/nspawn) with the release binary installed.
+banner "Debian root file system for the systemd test (scripts/nspawn-rootfs.sh)"
+TOKEND_TEST_NSPAWN_ROOT=$ROOT/$(scripts/nspawn-rootfs.sh target/nspawn)
+export TOKEND_TEST_NSPAWN_ROOT
+echo "$TOKEND_TEST_NSPAWN_ROOT"
+
+banner "cargo build --release --locked --bin tokend"
+cargo build --release --locked --bin tokend
+export TOKEND_TEST_RELEASE_BIN=$ROOT/target/release/tokend
 
 banner "cargo test --locked --all-targets $*"
 cargo test --locked --all-targets "$@"

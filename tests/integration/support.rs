@@ -39,6 +39,8 @@ pub struct Idp {
     pub log: PathBuf,
     /// The private CA's certificate when the IdP serves HTTPS.
     pub ca: Option<PathBuf>,
+    /// Where the test reaches its admin endpoints (127.0.0.1 unless it runs in a network namespace).
+    admin_host: String,
     _dir: tempfile::TempDir,
 }
 
@@ -76,6 +78,13 @@ impl Idp {
         Self::launch(port, ttl_secs, false, None).await
     }
 
+    /// An IdP inside network namespace `netns` (listening on all its addresses, so that its loopback
+    /// serves tokend there and `admin_host`, an address of the namespace reachable from here, serves
+    /// the test's admin requests).
+    pub async fn start_in_netns(netns: &str, admin_host: &str, ttl_secs: u64) -> Self {
+        Self::launch_in(free_port(), ttl_secs, false, None, Some((netns, admin_host))).await
+    }
+
     /// An IdP that also registers the certificate clients `broker-cert` and `broker-fed` with `cert`.
     pub async fn start_with_cert(ttl_secs: u64, cert: &Path) -> Self {
         Self::launch(free_port(), ttl_secs, false, Some(cert)).await
@@ -100,6 +109,16 @@ impl Idp {
     }
 
     async fn launch(port: u16, ttl_secs: u64, tls: bool, client_cert: Option<&Path>) -> Self {
+        Self::launch_in(port, ttl_secs, tls, client_cert, None).await
+    }
+
+    async fn launch_in(
+        port: u16,
+        ttl_secs: u64,
+        tls: bool,
+        client_cert: Option<&Path>,
+        netns: Option<(&str, &str)>,
+    ) -> Self {
         let dir = std::env::var_os("TOKEND_TEST_IDP_DIR").map_or_else(|| repo().join("tests/idp"), PathBuf::from);
         assert!(
             dir.join("node_modules/oidc-provider").is_dir(),
@@ -109,7 +128,14 @@ impl Idp {
         let tmp = tempfile::tempdir().expect("tempdir");
         let log = tmp.path().join("idp.log");
         let out = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new("node");
+        let mut cmd = match netns {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "node"]).env("IDP_HOST", "0.0.0.0");
+                c
+            }
+            None => Command::new("node"),
+        };
         cmd.arg("idp.mjs")
             .current_dir(&dir)
             .env("IDP_PORT", port.to_string())
@@ -126,7 +152,8 @@ impl Idp {
             ca
         });
         let child = cmd.spawn().expect("cannot run `node`: install Node.js (apt-get install nodejs npm)");
-        let idp = Self { child, port, log, ca, _dir: tmp };
+        let admin_host = netns.map_or_else(|| "127.0.0.1".to_owned(), |(_, host)| host.to_owned());
+        let idp = Self { child, port, log, ca, admin_host, _dir: tmp };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if idp.client().get(idp.admin("stats")).send().await.is_ok_and(|r| r.status().is_success()) {
@@ -146,7 +173,7 @@ impl Idp {
     }
 
     fn admin(&self, what: &str) -> String {
-        format!("{}://127.0.0.1:{}/__admin/{what}", self.scheme(), self.port)
+        format!("{}://{}:{}/__admin/{what}", self.scheme(), self.admin_host, self.port)
     }
 
     /// Queues faults for token requests: `{"status":503,"count":2,"headers":{..}}`, `{"delay_ms":..}`, `{"drop":true}`.
