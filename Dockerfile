@@ -56,5 +56,8 @@ ENV TOKEND_LOG=info
 EXPOSE 50342
 # Exit codes: 0 stopped by SIGTERM/SIGINT, 1 runtime failure, 64 configuration error (do not restart-loop).
 STOPSIGNAL SIGTERM
+# Healthy once every configured token is cached (/readyz); one line, exit 0 or 1, never a token.
+HEALTHCHECK --interval=30s --timeout=12s --start-period=60s \
+    CMD ["/usr/local/bin/tokend", "health", "--config", "/etc/tokend/tokend.toml"]
 ENTRYPOINT ["/usr/local/bin/tokend"]
 CMD ["serve", "--config", "/etc/tokend/tokend.toml"]

@@ -24,3 +24,10 @@ impl TcpLookup {
 pub fn process_of_socket(uid: u32, inode: u32) -> Option<i32> {
     ProcessLookup::new(uid, None, Some(inode)).resolve().map(|p| p.pid)
 }
+
+/// What the request path does to the metrics for one served token: count the request and the cache hit.
+pub fn count_served_request() {
+    let m = crate::metrics::get();
+    m.request(crate::metrics::Route::Imds, 0, 200);
+    m.served(true);
+}
