@@ -1,55 +1,58 @@
 # syntax=docker/dockerfile:1
 #
-# tokend container image.
+# tokend container image: a static tokend binary, a CA bundle and a passwd/group entry for its user —
+# no shell, no package manager, nothing else (FROM scratch).
 #
 # tokend serves tokens on LOOPBACK (127.0.0.1:50342 by default). Inside a container, that is the
 # container's own loopback. It is useful as a SIDECAR: in a Kubernetes pod (or with
-# `docker run --network container:<app>`) every container shares one network namespace, so the
+# `podman run --network container:<tokend>`) every container shares one network namespace, so the
 # application reaches tokend at 127.0.0.1:50342. Publishing the port (`-p 50342:50342`) does NOT work
-# with a loopback listener: Docker forwards to the container's eth0 address. Any other setup needs
-# `[server] allow_non_loopback = true` plus a listen address on that interface. Then anyone who can
-# reach that address gets tokens, so restrict it at the network level.
+# with a loopback listener. A node-wide broker serves a unix socket on a hostPath instead
+# (deploy/kubernetes/daemonset.yaml).
 #
-# Mount at run time:
+# Mount at run time (never baked in):
 #   /etc/tokend/tokend.toml        configuration (see config/tokend.example.toml)
-#   /etc/tokend/client-secret      client secret, readable by uid 10001 (tokend logs a harmless warning
-#                                  when its group or others can read it too, as with most secret volumes)
-#   /run/tokend                    optional: share it (emptyDir) with the app so it can read IDENTITY_HEADER
-#                                  from /run/tokend/identity-header; the IMDS route needs no secret
+#   /etc/tokend/client-secret      client secret, readable by uid 10001 (or a federated token file)
+#   /run/tokend                    writable: the identity header is created there (the root file system
+#                                  can stay read-only); share it with the app for IDENTITY_HEADER
 # Point the app at tokend with AZURE_POD_IDENTITY_AUTHORITY_HOST=http://127.0.0.1:50342 (IMDS), or with
-# IDENTITY_ENDPOINT=http://127.0.0.1:50342/msi/token plus IDENTITY_HEADER (App Service; works with every SDK).
+# IDENTITY_ENDPOINT=http://127.0.0.1:50342/msi/token plus IDENTITY_HEADER (App Service; every SDK).
 #
-# No HEALTHCHECK: the runtime image has no curl/wget and tokend has no probe subcommand (`tokend token`
-# is NOT one: it prints a live token, which Docker would keep in the health log). Use orchestrator
-# probes on GET /healthz (liveness) and /readyz (readiness), run inside the pod's network namespace.
+# Build: `podman build -t tokend .` (or docker build). The test suite builds this file with the build
+# stage replaced by a locally built static binary (--build-arg BINARY_FROM=...; tests/integration/container.rs):
+# the final stage is used exactly as shipped.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
+# The stage (or image) that provides /out: tokend, ca-certificates.crt, passwd, group.
+ARG BINARY_FROM=build
 
 # ---- build ---------------------------------------------------------------------------------------
-FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+FROM docker.io/library/rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 WORKDIR /src
 # The whole tree (filtered by .dockerignore): Cargo.toml declares tests/integration/main.rs as a
 # target, so the manifest does not load without it.
 COPY . .
-# The cache mounts keep the registry and target/ between builds; the binary is copied out of them.
+# A static glibc binary (no libc in the final image): +crt-static with an explicit --target, so build
+# scripts and proc macros stay dynamic. glibc >= 2.34 resolves names (files, dns) without NSS modules.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin tokend \
- && install -m 0755 target/release/tokend /usr/local/bin/tokend
+    RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked --bin tokend --target x86_64-unknown-linux-gnu \
+ && install -d /out \
+ && install -m 0755 -s target/x86_64-unknown-linux-gnu/release/tokend /out/tokend \
+ && cp /etc/ssl/certs/ca-certificates.crt /out/ca-certificates.crt \
+ && echo 'tokend:x:10001:10001:tokend:/nonexistent:/sbin/nologin' > /out/passwd \
+ && echo 'tokend:x:10001:' > /out/group
+
+FROM ${BINARY_FROM} AS binary
 
 # ---- runtime -------------------------------------------------------------------------------------
-FROM debian:${DEBIAN_RELEASE}-slim
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 tokend \
- && useradd --system --uid 10001 --gid tokend --home-dir /nonexistent --no-create-home \
-            --shell /usr/sbin/nologin tokend \
- && install -d -m 0755 /etc/tokend \
- && install -d -m 0750 -o tokend -g tokend /run/tokend
-COPY --from=build /usr/local/bin/tokend /usr/local/bin/tokend
-
+FROM scratch
+COPY --from=binary /out/tokend /usr/local/bin/tokend
+COPY --from=binary /out/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+COPY --from=binary /out/passwd /etc/passwd
+COPY --from=binary /out/group /etc/group
 USER 10001:10001
 ENV TOKEND_LOG=info
 # Documentation only: the listener is on loopback (see above).

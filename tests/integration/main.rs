@@ -9,6 +9,7 @@ mod azureml;
 mod callers;
 mod cli;
 mod clients;
+mod container;
 mod contract;
 mod credentials;
 mod failures;
