@@ -4,8 +4,9 @@
 # (tests/clients: Python venv in .venv-test, JavaScript in tests/clients/js, the Azure CLI in
 # .venv-azcli, the Rust SDK crate tests/clients/rust built into target/rust-sdk-client), and
 # schemathesis (.venv-contract) checks tokend against docs/openapi.yaml; a Debian root file system
-# (target/nspawn) and the release binary serve the real-systemd test; all are installed or built here
-# on first use and reused after.
+# (target/nspawn) and the static release binary serve the real-systemd and container tests, and
+# kubernetes-validate (.venv-k8s) the manifests; all are installed or built here on first use and
+# reused after.
 #
 # Usage: scripts/test.sh [ARGS...]    ARGS are passed to `cargo test` (e.g. a test-name filter).
 set -euo pipefail
@@ -32,11 +33,15 @@ command -v python3 >/dev/null 2>&1 \
     || die "python3 is required for the Azure SDK test clients: apt-get install python3 python3-venv"
 
 # Debian packages the tests run: systemd-nspawn (the real-systemd test), mmdebstrap (its root file
-# system), promtool (the metrics check). Installed here when missing and this runs as root with apt.
+# system), promtool (the metrics check), podman with runc and catatonit (the container image, pods).
+# Installed here when missing and this runs as root with apt.
 missing=()
 command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
 command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v podman >/dev/null 2>&1 || missing+=(podman)
+command -v runc >/dev/null 2>&1 || missing+=(runc)
+command -v catatonit >/dev/null 2>&1 || [[ -x /usr/libexec/podman/catatonit ]] || missing+=(catatonit)
 if ((${#missing[@]})); then
     if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         banner "Installing Debian packages: ${missing[*]}"
@@ -91,6 +96,8 @@ npm_install "$JS_DIR" "the JavaScript Azure SDK client"
 venv_install "$VENV" tests/clients/requirements.lock python "the Python Azure SDK clients"
 venv_install "$AZ_VENV" tests/clients/azcli/requirements.lock az "the Azure CLI"
 venv_install "$ST_VENV" tests/contract/requirements.lock st "schemathesis"
+venv_install .venv-k8s tests/k8s/requirements.lock kubernetes-validate "kubernetes-validate"
+export TOKEND_TEST_KUBERNETES_VALIDATE=$ROOT/.venv-k8s/bin/kubernetes-validate
 
 export TOKEND_TEST_PYTHON=$ROOT/$VENV/bin/python
 export TOKEND_TEST_AZ=$ROOT/$AZ_VENV/bin/az
@@ -118,9 +125,13 @@ TOKEND_TEST_NSPAWN_ROOT=$ROOT/$(scripts/nspawn-rootfs.sh target/nspawn)
 export TOKEND_TEST_NSPAWN_ROOT
 echo "$TOKEND_TEST_NSPAWN_ROOT"
 
-banner "cargo build --release --locked --bin tokend"
-cargo build --release --locked --bin tokend
-export TOKEND_TEST_RELEASE_BIN=$ROOT/target/release/tokend
+# One release build serves the systemd test and the container image: static (+crt-static, with an
+# explicit --target so that build scripts and proc macros stay dynamic), as the Dockerfile builds it.
+HOST_TARGET=$(rustc -vV | sed -n 's/^host: //p')
+banner "RUSTFLAGS=-Ctarget-feature=+crt-static cargo build --release --locked --target $HOST_TARGET --bin tokend"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$HOST_TARGET" --bin tokend
+export TOKEND_TEST_STATIC_BIN=$ROOT/target/$HOST_TARGET/release/tokend
+export TOKEND_TEST_RELEASE_BIN=$TOKEND_TEST_STATIC_BIN
 
 banner "cargo test --locked --all-targets $*"
 cargo test --locked --all-targets "$@"

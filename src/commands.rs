@@ -112,19 +112,27 @@ pub async fn reload(pid: Option<u32>, state_dir: Option<&Path>) -> Result<String
 
 /// `tokend health`: asks the running broker's `/readyz` (over its first TCP listener, or the unix
 /// socket when it has none): `Ok` with one line when every configured resource is cached, an error
-/// with one line otherwise. Never prints a token (there is none in `/readyz`).
-pub async fn health(config: &Path) -> Result<String, Error> {
+/// with one line otherwise; with `live`, only whether `/healthz` answers (a liveness probe). Never
+/// prints a token (there is none in either).
+pub async fn health(config: &Path, live: bool) -> Result<String, Error> {
     let server = Config::load_server(config)?;
     let target = match (server.listen.is_empty(), &server.unix_socket) {
         (true, Some(unix)) => systemd::SelfCheck::Unix(unix.path.clone()),
         _ => systemd::SelfCheck::Tcp(client_addr(&server)),
     };
-    let answer = tokio::time::timeout(Duration::from_secs(10), systemd::local_get(&target, "/readyz")).await;
+    let path = if live { "/healthz" } else { "/readyz" };
+    let answer = tokio::time::timeout(Duration::from_secs(10), systemd::local_get(&target, path)).await;
     let (status, body) = match answer {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => return Err(anyhow::anyhow!("unhealthy: cannot reach tokend at {target:?}: {e}").into()),
         Err(_) => return Err(anyhow::anyhow!("unhealthy: tokend at {target:?} did not answer within 10 s").into()),
     };
+    if live {
+        return match status {
+            200 => Ok("alive".to_owned()),
+            other => Err(anyhow::anyhow!("unhealthy: /healthz answered HTTP {other}").into()),
+        };
+    }
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     let resources = v["resources"].as_u64().unwrap_or(0);
     match status {

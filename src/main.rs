@@ -66,6 +66,9 @@ enum Command {
         /// Configuration file (to find the broker's address).
         #[arg(long, env = "TOKEND_CONFIG", default_value = "/etc/tokend/tokend.toml")]
         config: PathBuf,
+        /// Only whether it is alive (/healthz), not whether its tokens are cached: a liveness probe.
+        #[arg(long)]
+        live: bool,
     },
     /// Ask the running broker for a token and print only the token.
     Token {
@@ -146,7 +149,7 @@ async fn dispatch(command: Command) -> Result<bool, tokend::Error> {
         Command::Dev { listen } => commands::dev(listen).await?,
         Command::Env { config, dialect } => print!("{}", commands::env(&config, &dialect)?),
         Command::Reload { pid, state_dir } => println!("{}", commands::reload(pid, state_dir.as_deref()).await?),
-        Command::Health { config } => println!("{}", commands::health(&config).await?),
+        Command::Health { config, live } => println!("{}", commands::health(&config, live).await?),
         Command::Token { config, resource, client_id } => {
             println!("{}", commands::token(&config, &resource, client_id.as_deref()).await?);
         }

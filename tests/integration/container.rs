@@ -257,5 +257,115 @@ async fn the_image_runs_read_only_without_capabilities_as_a_sidecar() {
     assert_eq!(code.trim(), "0", "{}", logs(&tokend));
     assert!(took < Duration::from_secs(12), "stopped in {took:?}");
     assert!(logs(&tokend).contains("tokend stopped"));
+
+    kube_play_classic_sidecar(scratch.path()).await;
     eprintln!("container steps took {:?}", started.elapsed());
+}
+
+/// `podman kube play` of deploy/kubernetes/sidecar-classic.yaml with this image. Test-only changes, all
+/// string substitutions of the shipped file: the images (the app container runs `tokend token`, which
+/// asks the sidecar like any client), the identity (the test IdP on the host's loopback, so the pod
+/// uses the host network with a free port), restartPolicy OnFailure (the app retries until the sidecar
+/// answers, then exits 0), and the Secret volume as a hostPath (podman 4.3's kube play crashes on
+/// Secret volumes).
+async fn kube_play_classic_sidecar(scratch: &Path) {
+    let idp = Idp::start(3600).await;
+    let port = free_port();
+    let credential = scratch.join("kube-credential");
+    std::fs::create_dir_all(&credential).expect("mkdir");
+    std::fs::write(credential.join("client-secret"), SECRET).expect("secret");
+    std::os::unix::fs::chown(credential.join("client-secret"), Some(10001), Some(10001)).expect("chown");
+    let shipped = std::fs::read_to_string(repo().join("deploy/kubernetes/sidecar-classic.yaml")).expect("manifest");
+    let mut yaml = shipped.clone();
+    for (from, to) in [
+        ("listen = [\"127.0.0.1:50342\"]".to_owned(), format!("listen = [\"127.0.0.1:{port}\"]")),
+        (
+            "    tenant_id = \"00000000-0000-0000-0000-000000000000\"\n    client_id = \"11111111-1111-1111-1111-111111111111\"\n".to_owned(),
+            format!("    client_id = \"{CLIENT_ID}\"\n    token_url = \"{}\"\n", idp.token_url()),
+        ),
+        ("ghcr.io/example/tokend:0.1.0".to_owned(), IMAGE.to_owned()),
+        (
+            "          image: registry.example.com/builder:latest\n".to_owned(),
+            format!("          image: {IMAGE}\n          command: [\"/usr/local/bin/tokend\", \"token\", \"--config\", \"/etc/tokend/tokend.toml\", \"--resource\", \"{STORAGE}\"]\n"),
+        ),
+        (
+            "      automountServiceAccountToken: false\n".to_owned(),
+            "      automountServiceAccountToken: false\n      hostNetwork: true\n      restartPolicy: OnFailure\n".to_owned(),
+        ),
+        (
+            "          secret:\n            secretName: tokend-credential\n            defaultMode: 0400\n".to_owned(),
+            format!("          hostPath:\n            path: {}\n            type: Directory\n", credential.display()),
+        ),
+    ] {
+        assert!(yaml.contains(&from), "the shipped manifest changed: {from:?} is gone");
+        yaml = yaml.replace(&from, &to);
+    }
+    let file = scratch.join("sidecar-classic.test.yaml");
+    std::fs::write(&file, yaml).expect("write");
+    let file = file.to_str().expect("utf8");
+    struct Down<'a>(&'a str);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = podman(&["kube", "down", self.0]);
+        }
+    }
+    let _down = Down(file);
+    podman_ok(&["kube", "play", file]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = podman(&["logs", "builder-pod-0-app"]);
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(token) = printed.lines().find(|l| l.starts_with("eyJ")) {
+            assert_eq!(jwt_claims(token)["aud"], STORAGE, "the app container's token");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the app container got no token: {printed}{}\ntokend: {}",
+            String::from_utf8_lossy(&out.stderr),
+            logs("builder-pod-0-tokend")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(idp.token_requests().await, 1, "one upstream call for the pod");
+}
+
+/// Every manifest under deploy/kubernetes passes `kubernetes-validate --strict` for the oldest and the
+/// newest Kubernetes it claims; a manifest with an unknown field fails it (the check can fail).
+#[test]
+fn kubernetes_manifests_validate_strictly() {
+    let exe = std::env::var_os("TOKEND_TEST_KUBERNETES_VALIDATE")
+        .map_or_else(|| repo().join(".venv-k8s/bin/kubernetes-validate"), PathBuf::from);
+    assert!(exe.exists(), "no kubernetes-validate at {}: run ./scripts/test.sh (it creates .venv-k8s)", exe.display());
+    let dir = repo().join("deploy/kubernetes");
+    let validate = |file: &Path, version: &str| {
+        Command::new(&exe).args(["--strict", "--quiet", "-k", version]).arg(file).output().expect("kubernetes-validate")
+    };
+    for (file, versions) in [
+        ("sidecar-native.yaml", ["1.29.0", "1.37.0"]),
+        ("sidecar-classic.yaml", ["1.25.0", "1.37.0"]),
+        ("daemonset.yaml", ["1.25.0", "1.37.0"]),
+    ] {
+        for version in versions {
+            let out = validate(&dir.join(file), version);
+            assert!(
+                out.status.success(),
+                "{file} on Kubernetes {version}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let bad = scratch.path().join("bad.yaml");
+    let text = std::fs::read_to_string(dir.join("sidecar-classic.yaml")).expect("manifest");
+    std::fs::write(
+        &bad,
+        text.replace(
+            "      automountServiceAccountToken: false\n",
+            "      automountServiceAccountToken: false\n      hostNetwrok: true\n",
+        ),
+    )
+    .expect("write");
+    assert!(!validate(&bad, "1.37.0").status.success(), "a misspelt field must fail --strict");
 }

@@ -109,6 +109,8 @@ async fn tokend_health_answers_for_scripts_and_healthchecks() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout, "ready: 1 configured tokens cached\n");
+    let out = tokend(&["health", "--live", "--config", config]);
+    assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()), (Some(0), "alive\n"));
 
     // Not ready: the IdP refuses every request for a second identity's resource.
     let idp2 = Idp::start(3600).await;
@@ -122,6 +124,8 @@ async fn tokend_health_answers_for_scripts_and_healthchecks() {
         "{stderr}"
     );
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    let live = tokend(&["health", "--live", "--config", t2.config.to_str().expect("utf8")]);
+    assert!(live.status.success(), "alive even when not ready: {live:?}");
     drop(t2);
     let out = tokend(&["health", "--config", &format!("{}", t.dir.path().join("missing.toml").display())]);
     assert_eq!(out.status.code(), Some(64), "a missing config is a usage error");
