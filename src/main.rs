@@ -10,8 +10,11 @@ use clap::{Parser, Subcommand};
 use tokend::commands;
 use tracing_subscriber::EnvFilter;
 
+/// `tokend --version`: the crate version and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TOKEND_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
-#[command(name = "tokend", version, about = "A local token broker that serves managed-identity tokens on loopback")]
+#[command(name = "tokend", version = VERSION, about = "A local token broker that serves managed-identity tokens on loopback")]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
