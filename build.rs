@@ -19,8 +19,6 @@ fn main() {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .filter(|c| !c.is_empty());
-    let commit = from_git
-        .or_else(|| std::env::var("TOKEND_COMMIT").ok())
-        .unwrap_or_else(|| "unknown".to_owned());
+    let commit = from_git.or_else(|| std::env::var("TOKEND_COMMIT").ok()).unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=TOKEND_COMMIT={commit}");
 }

@@ -189,6 +189,20 @@ pub async fn check(config: &Path, resource: Option<&str>) -> Result<bool, Error>
     for w in &config.warnings {
         println!("warn  {w}");
     }
+    for identity in &config.identities {
+        let root_with_slash = |r: &str| {
+            let bare = r.strip_suffix('/')?;
+            let (_, rest) = bare.split_once("://")?;
+            (!rest.is_empty() && !rest.contains('/')).then(|| bare.to_owned())
+        };
+        for r in identity.resources.iter().filter_map(|r| root_with_slash(r.as_str())) {
+            println!(
+                "warn  identity {:?} pins {r}/ with a trailing slash; azure-identity, msal and the Rust SDK ask for {r} \
+                 (they strip /.default), a separate cache entry: pin {r} too, or instead",
+                identity.name
+            );
+        }
+    }
     let idp = IdpClient::new(&config.upstream).context("cannot set up the HTTPS client")?;
     let mut all_ok = true;
     for identity in &config.identities {

@@ -77,7 +77,7 @@ pub(crate) const DEV_TENANT: &str = "dev-tenant";
 /// Lifetime of dev tokens.
 pub(crate) const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Resource fetched at start, so that `tokend dev` is warm at once.
-pub(crate) const DEV_RESOURCE: &str = "https://management.azure.com/";
+pub(crate) const DEV_RESOURCE: &str = "https://management.azure.com";
 
 /// A running dev issuer.
 #[derive(Debug)]

@@ -103,10 +103,18 @@ enum Command {
     },
     /// Development only: run a built-in local issuer and a broker against it. No config, no credentials.
     Dev {
-        /// Broker listen address.
-        #[arg(long, default_value = tokend::DEFAULT_LISTEN)]
+        /// Broker listen address, IP:PORT.
+        #[arg(long, default_value = tokend::DEFAULT_LISTEN, value_parser = listen_addr)]
         listen: SocketAddr,
     },
+}
+
+/// `--listen`: an IP:PORT address; a host name gets a hint (they are not resolved).
+fn listen_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        let hint = if text.starts_with("localhost") { "127.0.0.1" } else { "an IP address" };
+        format!("{text:?} is not IP:PORT; host names are not resolved, use {hint}, e.g. 127.0.0.1:50343")
+    })
 }
 
 fn main() -> ExitCode {

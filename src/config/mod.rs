@@ -202,5 +202,17 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
+    toml::from_str(text).map_err(|e| {
+        let mut message = e.to_string();
+        // The likeliest slip: a single-bracket table where an array of tables is meant.
+        for table in ["identity", "access.rule"] {
+            let single = format!("[{table}]");
+            if message.contains("expected a sequence") && text.lines().any(|l| l.trim() == single) {
+                message.push_str(&format!(
+                    "\nhint: write [[{table}]] (double brackets): each one is an entry of a list, and there may be several"
+                ));
+            }
+        }
+        ConfigError::Parse { path: path.display().to_string(), message }
+    })
 }

@@ -85,11 +85,31 @@ pub(super) struct RawRule {
     pub resources: Vec<String>,
 }
 
+/// A list, or one string standing for a list of one (`listen = "127.0.0.1:50342"`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(
+        match OneOrMany::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected an address \"IP:port\" or a list of them"))?
+        {
+            OneOrMany::One(s) => Some(vec![s]),
+            OneOrMany::Many(v) => Some(v),
+        },
+    )
+}
+
 /// `[server]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawServer {
-    /// Addresses to listen on (`IP:port`); loopback only unless `allow_non_loopback`.
+    /// Addresses to listen on (`IP:port`); loopback only unless `allow_non_loopback`. One address may
+    /// be given as a plain string.
+    #[serde(default, deserialize_with = "one_or_many")]
     pub listen: Option<Vec<String>>,
     /// Explicit opt-in to listening on a non-loopback address.
     pub allow_non_loopback: Option<bool>,

@@ -243,3 +243,18 @@ fn audit_path_is_resolved_and_required() {
     let m = message(d.load(&format!("{MINIMAL}\n[audit]\n")));
     assert!(m.contains("audit.path") && m.contains("missing"), "{m}");
 }
+
+#[test]
+fn the_likeliest_slips_get_a_hint_or_just_work() {
+    let d = Dir::new();
+    // `[identity]` where `[[identity]]` is meant.
+    let m = message(d.load("[identity]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_file = \"secret\"\n"));
+    assert!(m.contains("hint: write [[identity]] (double brackets)"), "{m}");
+    let m = message(d.load(&format!("{MINIMAL}\n[access]\n[access.rule]\nuids = [1]\n")));
+    assert!(m.contains("hint: write [[access.rule]]"), "{m}");
+    // One listen address as a plain string is a list of one.
+    let c = d.load(&format!("[server]\nlisten = \"127.0.0.1:50999\"\n{MINIMAL}")).expect("a string is accepted");
+    assert_eq!(c.server.listen, vec!["127.0.0.1:50999".parse().expect("addr")]);
+    let m = message(d.load(&format!("[server]\nlisten = 5\n{MINIMAL}")));
+    assert!(m.contains("expected an address \"IP:port\" or a list of them"), "{m}");
+}

@@ -174,7 +174,7 @@ async fn dev_mode_prints_exports_and_serves_real_clients() {
     let v: Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     let claims = jwt_claims(v["access_token"].as_str().expect("token"));
-    assert_eq!(claims["aud"], "https://management.azure.com/");
+    assert_eq!(claims["aud"], "https://management.azure.com");
     for claim in ["exp", "iat", "tid", "appid"] {
         assert!(!claims[claim].is_null(), "{claim} in {claims}");
     }

@@ -277,3 +277,24 @@ async fn metrics_count_known_traffic_and_promtool_accepts_them() {
     // The token listener does not serve metrics.
     assert_eq!(http().get(t.url("/metrics")).send().await.expect("req").status(), 404);
 }
+
+/// A caller asking for a configured resource spelt with a different trailing slash is a separate cache
+/// entry: tokend says so in its log, and `tokend check` warns about a pinned `https://host/`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trailing_slash_mismatch_with_a_pinned_resource_is_named() {
+    let idp = Idp::start(3600).await;
+    let t = Tokend::start(&Opts::new(&idp).resources(&["https://storage.azure.com/"])).await;
+    t.wait_ready(Duration::from_secs(10)).await;
+    assert_eq!(t.imds(&format!("api-version=2018-02-01&resource={STORAGE}")).await.status(), 200);
+    let logs = t.logs();
+    assert!(
+        logs.contains("different trailing slash") && logs.contains("add https://storage.azure.com to resources"),
+        "{logs}"
+    );
+    let out = tokend(&["check", "--config", t.config.to_str().expect("utf8")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("warn  identity \"default\" pins https://storage.azure.com/ with a trailing slash"),
+        "{stdout}"
+    );
+}

@@ -47,7 +47,7 @@ async fn quick_start_curl_lines_work_against_tokend_dev() {
         let v: Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{line}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
         assert!(v["access_token"].is_string(), "{line}: {v}");
-        assert_eq!(v["resource"], "https://management.azure.com/");
+        assert_eq!(v["resource"], "https://management.azure.com");
     }
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert!(child.wait().expect("wait").success());

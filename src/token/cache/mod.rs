@@ -374,6 +374,23 @@ impl TokenCache {
             return Err(Refused::Gone);
         }
         let owner = owner.filter(|_| !snapshot.is_pinned(identity, resource));
+        if owner.is_some()
+            && let Some(pinned) = snapshot.identities.by_name(identity).and_then(|i| {
+                i.resources.iter().find(|p| {
+                    let (p, r) = (p.as_str(), resource.as_str());
+                    p.strip_suffix('/') == Some(r) || r.strip_suffix('/') == Some(p)
+                })
+            })
+        {
+            // Once per entry: the spelling matters (Entra echoes it in `aud`), so this is a cache miss.
+            tracing::warn!(
+                identity,
+                asked = %resource,
+                pinned = %pinned,
+                "a caller asked for a configured resource spelt with a different trailing slash: a separate \
+                 cache entry, fetched on demand; pin the spelling your clients send (add {resource} to resources)"
+            );
+        }
         if let Some(owner) = owner {
             let mut counts = self.inner.counts.lock();
             let (per_caller, total) = (snapshot.tokens.max_on_demand_per_caller, snapshot.tokens.max_on_demand);
