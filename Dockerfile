@@ -29,6 +29,8 @@ ARG BINARY_FROM=build
 
 # ---- build ---------------------------------------------------------------------------------------
 FROM docker.io/library/rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+# `tokend --version` names this commit (.git is not in the build context).
+ARG TOKEND_COMMIT=unknown
 WORKDIR /src
 # The whole tree (filtered by .dockerignore): Cargo.toml declares tests/integration/main.rs as a
 # target, so the manifest does not load without it.

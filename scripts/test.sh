@@ -26,7 +26,16 @@ die() {
 # ---- prerequisites ---------------------------------------------------------------------------
 banner "Checking prerequisites"
 command -v cargo >/dev/null 2>&1 \
-    || die "cargo is required to build and test tokend: install Rust from https://rustup.rs (or apt-get install cargo)"
+    || die "cargo is required to build and test tokend: install Rust >= 1.95 with rustup (https://rustup.rs); Debian's cargo is too old"
+# Edition 2024 and the crates' MSRVs need Rust >= 1.95 (Debian 12's packaged cargo is 1.65).
+rust_version=$(rustc --version | sed -n 's/^rustc \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+read -r rust_major rust_minor <<<"$rust_version"
+if [[ -z ${rust_major:-} ]] || (( rust_major < 1 || (rust_major == 1 && rust_minor < 95) )); then
+    die "Rust >= 1.95 is required ($(rustc --version)): rustup update stable (or install rustup from https://rustup.rs)"
+fi
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"
+cargo clippy --version >/dev/null 2>&1 || die "clippy is missing: rustup component add clippy"
+command -v ip >/dev/null 2>&1 || die "ip is required for the network-namespace tests: apt-get install iproute2"
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
     || die "node and npm are required for the test IdP: apt-get install nodejs npm"
 command -v python3 >/dev/null 2>&1 \
