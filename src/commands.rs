@@ -27,8 +27,8 @@ pub async fn serve(config: &Path) -> Result<(), Error> {
 }
 
 /// `tokend dev`: a built-in issuer and a broker on `listen`, for development only.
-pub async fn dev(listen: SocketAddr) -> Result<(), Error> {
-    crate::dev::run(listen).await
+pub async fn dev(listen: SocketAddr, resources: Vec<String>) -> Result<(), Error> {
+    crate::dev::run(listen, resources).await
 }
 
 /// The `--dialect` values `tokend env` takes; the first is the default.

@@ -41,7 +41,7 @@ const BANNER: &str = "\
 
 /// `tokend dev`: the issuer, then a broker against it on `listen` (loopback only) until SIGTERM/SIGINT.
 /// The `export` lines go to stdout once the broker listens.
-pub(crate) async fn run(listen: SocketAddr) -> Result<(), Error> {
+pub(crate) async fn run(listen: SocketAddr, resources: Vec<String>) -> Result<(), Error> {
     if !listen.ip().is_loopback() {
         return Err(Error::Usage(format!(
             "--listen {listen} is not a loopback address; tokend dev only listens on loopback"
@@ -49,7 +49,7 @@ pub(crate) async fn run(listen: SocketAddr) -> Result<(), Error> {
     }
     daemon::harden()?;
     let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
-    let issuer = start_issuer(&tracker, &cancel).await?;
+    let issuer = start_issuer(&tracker, &cancel, resources).await?;
     let config = dev_config(&issuer, listen)?;
     let prepared = daemon::prepare(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let header = prepared.identity_header.clone();
@@ -96,10 +96,60 @@ struct IssuerState {
     key: jsonwebtoken::EncodingKey,
     kid: String,
     issuer: String,
+    /// Resources accepted besides the well-known ones (`tokend dev --resource`).
+    extra: Vec<String>,
+}
+
+/// Well-known Azure resource hosts (with or without a trailing slash): what the dev issuer accepts
+/// besides `api://…` and GUID app ids, like Entra with the first-party resources every tenant has.
+const KNOWN_RESOURCE_HOSTS: &[&str] = &[
+    "management.azure.com",
+    "management.core.windows.net",
+    "storage.azure.com",
+    "vault.azure.net",
+    "graph.microsoft.com",
+    "database.windows.net",
+    "ossrdbms-aad.database.windows.net",
+    "cognitiveservices.azure.com",
+    "servicebus.azure.net",
+    "eventhubs.azure.net",
+    "monitor.azure.com",
+    "batch.core.windows.net",
+    "datalake.azure.net",
+    "api.loganalytics.io",
+    "redis.azure.com",
+    "ml.azure.com",
+    "help.kusto.windows.net",
+];
+
+/// Whether Entra would know `resource` (the dev issuer's approximation): a well-known Azure resource,
+/// a storage or key vault account URL, an `api://` URI, a GUID, or one given with `--resource`.
+fn known_resource(resource: &str, extra: &[String]) -> bool {
+    if extra.iter().any(|e| e.trim_end_matches('/') == resource.trim_end_matches('/')) {
+        return true;
+    }
+    if resource.starts_with("api://") || uuid::Uuid::parse_str(resource).is_ok() {
+        return true;
+    }
+    let Some(host) = resource.strip_prefix("https://").map(|h| h.trim_end_matches('/')) else { return false };
+    KNOWN_RESOURCE_HOSTS.contains(&host)
+        || [
+            ".blob.core.windows.net",
+            ".queue.core.windows.net",
+            ".table.core.windows.net",
+            ".dfs.core.windows.net",
+            ".vault.azure.net",
+        ]
+        .iter()
+        .any(|suffix| host.strip_suffix(suffix).is_some_and(|a| !a.is_empty() && !a.contains('.') && !a.contains('/')))
 }
 
 /// Generates the key and secret, binds `127.0.0.1:0` and serves until `cancel`.
-async fn start_issuer(tracker: &TaskTracker, cancel: &CancellationToken) -> anyhow::Result<DevIssuer> {
+async fn start_issuer(
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+    extra: Vec<String>,
+) -> anyhow::Result<DevIssuer> {
     let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
         .map_err(|_| anyhow::anyhow!("cannot generate an RSA key"))?;
     let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&key)
@@ -116,6 +166,7 @@ async fn start_issuer(tracker: &TaskTracker, cancel: &CancellationToken) -> anyh
         key: encoding_key,
         kid: fingerprint(client_id.as_bytes()).trim_start_matches("sha256:").to_owned(),
         issuer: format!("http://{addr}/{DEV_TENANT}/v2.0"),
+        extra,
     });
     // Sign once now, so a broken key fails start-up rather than the first request.
     issue(&state, "https://management.azure.com")?;
@@ -227,6 +278,17 @@ async fn token(State(state): State<Arc<IssuerState>>, Path(tenant): Path<String>
         (None, Some(r)) if !r.is_empty() => r.to_owned(),
         _ => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "scope is required"),
     };
+    if !known_resource(&resource, &state.extra) {
+        // What Entra answers for a resource it does not know (so a typo surfaces in development).
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_resource",
+            &format!(
+                "AADSTS500011: The resource principal named {resource} was not found in the tenant named {DEV_TENANT}. \
+                 (tokend dev accepts well-known Azure resources, api:// URIs, GUIDs and those given with --resource.)"
+            ),
+        );
+    }
     match issue(&state, &resource) {
         Ok(jwt) => {
             let secs = DEV_TOKEN_LIFETIME.as_secs();
@@ -241,6 +303,37 @@ async fn token(State(state): State<Arc<IssuerState>>, Path(tenant): Path<String>
         Err(e) => {
             tracing::error!(error = %e, "dev issuer cannot sign");
             oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "signing failed")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dev_issuer_knows_resources_like_entra_and_refuses_typos() {
+        let extra = vec!["https://contoso.example/api".to_owned()];
+        for ok in [
+            "https://management.azure.com",
+            "https://management.azure.com/",
+            "https://management.core.windows.net/",
+            "https://storage.azure.com",
+            "https://myaccount.blob.core.windows.net",
+            "https://myvault.vault.azure.net",
+            "api://tokend-contract",
+            "00000003-0000-0000-c000-000000000000",
+            "https://contoso.example/api/",
+        ] {
+            assert!(known_resource(ok, &extra), "{ok}");
+        }
+        for typo in [
+            "https://managment.azure.com/",
+            "management.azure.com",
+            "https://a.b.blob.core.windows.net",
+            "http://storage.azure.com",
+        ] {
+            assert!(!known_resource(typo, &extra), "{typo}");
         }
     }
 }

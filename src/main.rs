@@ -106,6 +106,10 @@ enum Command {
         /// Broker listen address, IP:PORT.
         #[arg(long, default_value = tokend::DEFAULT_LISTEN, value_parser = listen_addr)]
         listen: SocketAddr,
+        /// A resource the built-in issuer accepts besides the well-known Azure ones (repeatable); any
+        /// other gets Entra's "resource principal not found" (400 invalid_resource), so typos show up.
+        #[arg(long = "resource")]
+        resources: Vec<String>,
     },
 }
 
@@ -157,7 +161,7 @@ fn init_logging(format: LogFormat) {
 async fn dispatch(command: Command) -> Result<bool, tokend::Error> {
     match command {
         Command::Serve { config } => commands::serve(&config).await?,
-        Command::Dev { listen } => commands::dev(listen).await?,
+        Command::Dev { listen, resources } => commands::dev(listen, resources).await?,
         Command::Env { config, dialect } => print!("{}", commands::env(&config, &dialect)?),
         Command::Reload { pid, state_dir } => println!("{}", commands::reload(pid, state_dir.as_deref()).await?),
         Command::Health { config, live } => println!("{}", commands::health(&config, live).await?),

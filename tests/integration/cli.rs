@@ -185,9 +185,24 @@ async fn dev_mode_prints_exports_and_serves_real_clients() {
     )
     .await;
     assert_eq!(r["ok"], true, "{r}");
-    let r =
-        python_client(&["mi", "https://storage.azure.com"], &[("AZURE_POD_IDENTITY_AUTHORITY_HOST", authority)]).await;
+    let r = python_client(
+        &["mi", "https://storage.azure.com"],
+        &[("AZURE_POD_IDENTITY_AUTHORITY_HOST", authority.clone())],
+    )
+    .await;
     assert_eq!(r["ok"], true, "{r}");
+    // Like Entra, the dev issuer does not know a misspelt resource: the caller sees invalid_resource.
+    let typo = http()
+        .get(format!(
+            "{authority}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://managment.azure.com/"
+        ))
+        .header("Metadata", "true")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(typo.status(), 400);
+    let body: Value = typo.json().await.expect("json");
+    assert_eq!(body["error"], "invalid_resource", "{body}");
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let status = child.wait().expect("wait");
     let mut stderr = String::new();
