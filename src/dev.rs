@@ -54,8 +54,14 @@ pub(crate) async fn run(listen: SocketAddr, resources: Vec<String>) -> Result<()
     let prepared = daemon::prepare(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let header = prepared.identity_header.clone();
     eprintln!("{BANNER}");
+    let client_dir = std::env::temp_dir().join(format!("tokend-dev-{}", std::process::id()));
+    let client = (client_dir.clone(), issuer.client_id.clone(), issuer.token_url.clone(), issuer.client_secret.clone());
     let on_listening = move |bound: &[SocketAddr]| {
         let addr = bound.first().copied().unwrap_or(listen);
+        match write_client_config(&client.0, addr, &header, &client.1, &client.2, &client.3) {
+            Ok(path) => println!("# For tokend env / token / check against this broker: --config {}", path.display()),
+            Err(e) => tracing::warn!(error = %e, "cannot write the client configuration for tokend env/token/check"),
+        }
         println!("# Point Azure SDKs at this broker:");
         print!("{}", export_lines(addr, &header));
         println!(
@@ -68,8 +74,39 @@ pub(crate) async fn run(listen: SocketAddr, resources: Vec<String>) -> Result<()
             imds::PATH
         );
     };
-    daemon::run(prepared, None, tracker, cancel, on_listening, signal::shutdown()).await?;
+    let result = daemon::run(prepared, None, tracker, cancel, on_listening, signal::shutdown()).await;
+    let _ = std::fs::remove_dir_all(&client_dir);
+    result?;
     Ok(())
+}
+
+/// Writes a configuration (mode 0700 directory, 0600 secrets) that points `tokend env`, `token` and
+/// `check` at this broker and its issuer; removed when `tokend dev` stops.
+fn write_client_config(
+    dir: &std::path::Path,
+    addr: SocketAddr,
+    header: &SecretString,
+    client_id: &str,
+    token_url: &reqwest::Url,
+    secret: &SecretString,
+) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir)?;
+    let write = |name: &str, text: &str, mode: u32| -> std::io::Result<()> {
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(dir.join(name))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())
+    };
+    write("identity-header", header.expose_secret(), 0o600)?;
+    write("client-secret", secret.expose_secret(), 0o600)?;
+    let toml = format!(
+        "# Written by tokend dev for `tokend env|token|check --config`; removed when it stops.\n\
+         [server]\nlisten = [\"{addr}\"]\nidentity_header_file = \"identity-header\"\n\n\
+         [[identity]]\nname = \"dev\"\nclient_id = \"{client_id}\"\ntoken_url = \"{token_url}\"\n\
+         client_secret_file = \"client-secret\"\nresources = [\"{DEV_RESOURCE}\"]\n"
+    );
+    write("tokend.toml", &toml, 0o644)?;
+    Ok(dir.join("tokend.toml"))
 }
 
 /// Tenant id the dev issuer answers for.

@@ -155,6 +155,7 @@ async fn dev_mode_prints_exports_and_serves_real_clients() {
     };
     let (endpoint, header, authority) =
         (export("IDENTITY_ENDPOINT"), export("IDENTITY_HEADER"), export("AZURE_POD_IDENTITY_AUTHORITY_HOST"));
+    let header_again = header.clone();
     // One line says how to get the Azure ML variables, with the same endpoint and secret.
     let azureml =
         lines.iter().find(|l| l.starts_with("# Code written for Azure ML compute")).expect("the Azure ML line");
@@ -191,6 +192,21 @@ async fn dev_mode_prints_exports_and_serves_real_clients() {
     )
     .await;
     assert_eq!(r["ok"], true, "{r}");
+    // The printed client configuration works for env, token and check.
+    let client_config = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("# For tokend env / token / check against this broker: --config "))
+        .expect("the client configuration line")
+        .to_owned();
+    let out = tokend(&["env", "--config", &client_config]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("export IDENTITY_HEADER='{header_again}'")),
+        "{out:?}"
+    );
+    let out = tokend(&["token", "--config", &client_config, "--resource", "https://vault.azure.net"]);
+    assert!(out.status.success() && out.stdout.starts_with(b"eyJ"), "{out:?}");
+    let out = tokend(&["check", "--config", &client_config]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // Like Entra, the dev issuer does not know a misspelt resource: the caller sees invalid_resource.
     let typo = http()
         .get(format!(
@@ -209,6 +225,7 @@ async fn dev_mode_prints_exports_and_serves_real_clients() {
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr).expect("read");
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("DEVELOPMENT ONLY"), "{stderr}");
+    assert!(!std::path::Path::new(&client_config).exists(), "removed when tokend dev stops");
 }
 
 #[tokio::test(flavor = "multi_thread")]
