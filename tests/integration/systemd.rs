@@ -186,12 +186,31 @@ impl Drop for Machine {
 fn install(cached: &Path, dest: &Path, idp: &Idp) {
     run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(cached).arg(dest));
     let bin = required_path("TOKEND_TEST_RELEASE_BIN", "the release binary (cargo build --release)");
-    run(Command::new("install").args(["-m", "0755"]).arg(&bin).arg(dest.join("usr/local/bin/tokend")));
+    // The README's install lines, run as written from the repository, with the container's root as the
+    // destination prefix (and the static release build as target/release/tokend).
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let lines: Vec<&str> = readme
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            l.starts_with("sudo install -m 0755 target/release/tokend")
+                || l.starts_with("sudo install -m 0644 systemd/")
+        })
+        .collect();
+    assert!(lines.len() >= 3, "the README installs the binary and the unit files: {lines:?}");
+    for line in lines {
+        let line = line
+            .trim_start_matches("sudo ")
+            .split(" #")
+            .next()
+            .unwrap_or_default()
+            .replace("target/release/tokend", bin.to_str().expect("utf8"))
+            .replace(" /usr/local/bin/", &format!(" {}/usr/local/bin/", dest.display()))
+            .replace(" /etc/systemd/system/", &format!(" {}/etc/systemd/system/", dest.display()));
+        run(Command::new("bash").args(["-c", &line]).current_dir(repo()));
+    }
     for unit in ["tokend.service", "tokend.socket", "tokend-imds.socket"] {
-        run(Command::new("install")
-            .args(["-m", "0644"])
-            .arg(repo().join("systemd").join(unit))
-            .arg(dest.join("etc/systemd/system").join(unit)));
+        assert!(dest.join("etc/systemd/system").join(unit).exists(), "{unit} installed by the README's lines");
     }
     let dropin = dest.join("etc/systemd/system/tokend.service.d");
     std::fs::create_dir_all(&dropin).expect("drop-in dir");
@@ -242,6 +261,8 @@ async fn tokend_runs_properly_under_real_systemd() {
     let root = scratch.path().join("root");
     install(&cached, &root, &idp);
     let m = Machine::boot(&root, &net.name, scratch.path().join("nspawn.log"));
+    let version = m.sh("tokend --version");
+    assert!(version.starts_with("tokend 0.1.0 (commit ") && !version.contains("unknown"), "{version}");
 
     // The installed unit's exposure: at most 1.5 (systemd-analyze's threshold is in tenths).
     let security = m.exec("systemd-analyze security --threshold=15 --no-pager tokend.service");
