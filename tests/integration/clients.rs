@@ -142,3 +142,43 @@ async fn javascript_and_msal_python_on_both_routes() {
         assert_eq!(jwt_claims(&ok_token(r))["client_id"], CLIENT_ID_2, "{name}");
     }
 }
+
+/// The resource spelling each client sends for a scope, recorded from tokend's audit log: what
+/// docs/clients.md's spelling table says, and why `resources` should pin `https://management.azure.com`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_resource_each_client_sends_is_recorded() {
+    let idp = Idp::start(3600).await;
+    let mut o = Opts::new(&idp);
+    o.extra.push_str("[audit]\npath = \"audit.jsonl\"\n");
+    let t = Tokend::start(&o).await;
+    let app = vec![("IDENTITY_ENDPOINT", t.url("/msi/token")), ("IDENTITY_HEADER", t.identity_header())];
+    // Each client is asked for "https://management.azure.com" the way its users ask: SDKs with the scope
+    // "https://management.azure.com/.default", msal with the resource itself.
+    let clients = [
+        ("Python azure-identity", Client::AzureIdentityPython),
+        ("JavaScript @azure/identity", Client::AzureIdentityJs),
+        ("Rust azure_identity", Client::AzureIdentityRust),
+        ("Python msal", Client::MsalPython),
+    ];
+    let mut sent = Vec::new();
+    let path = t.dir.path().join("audit.jsonl");
+    for (name, client) in clients {
+        let r = run_client(client, None, &["mi", "https://management.azure.com"], &app).await;
+        ok_token(&r);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let line = loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(l) = text.lines().nth(sent.len()) {
+                break serde_json::from_str::<Value>(l).expect("json");
+            }
+            assert!(std::time::Instant::now() < deadline, "{name}: no audit line");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        let resource = line["resource"].as_str().expect("resource").to_owned();
+        eprintln!("{name}: scope https://management.azure.com/.default -> resource {resource}");
+        sent.push((name, resource));
+    }
+    for (name, resource) in &sent {
+        assert_eq!(resource, "https://management.azure.com", "{name} strips /.default and nothing else");
+    }
+}
