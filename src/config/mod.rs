@@ -58,6 +58,9 @@ pub(crate) enum ConfigError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// More than one problem, one per independent part of the file (each section, each identity).
+    #[error("{} problems:\n{}", .0.len(), .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ConfigError>),
 }
 
 /// `[server]`, validated.

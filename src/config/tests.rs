@@ -258,3 +258,19 @@ fn the_likeliest_slips_get_a_hint_or_just_work() {
     let m = message(d.load(&format!("[server]\nlisten = 5\n{MINIMAL}")));
     assert!(m.contains("expected an address \"IP:port\" or a list of them"), "{m}");
 }
+
+#[test]
+fn every_independent_problem_is_reported_at_once() {
+    let d = Dir::new();
+    let text = "[server]\nlisten = [\"nowhere\"]\n[tokens]\nmin_lifetime = \"soon\"\n\
+                [[identity]]\ntenant_id = \"t\"\nclient_secret_file = \"secret\"\n\
+                [[identity]]\nname = \"b\"\ntenant_id = \"t\"\nclient_id = \"c2\"\nclient_secret_file = \"missing\"\n";
+    let m = message(d.load(text));
+    assert!(m.starts_with("4 problems:"), "{m}");
+    for key in ["server.listen[0]", "tokens.min_lifetime", "identity[0]", "identity[1].client_secret_file"] {
+        assert!(m.contains(key), "{key} in {m}");
+    }
+    // One problem reads as before.
+    let m = message(d.load(&format!("[tokens]\nmin_lifetime = \"soon\"\n{MINIMAL}")));
+    assert!(!m.contains("problems:") && m.contains("tokens.min_lifetime"), "{m}");
+}

@@ -61,18 +61,38 @@ impl<'a> Validator<'a> {
         Ok(d)
     }
 
+    /// Validates every independent part of the file (each section, each identity) and reports all
+    /// their problems at once; parts that depend on others (`[access]` on the identities) are checked
+    /// only when those are valid.
     pub(super) fn validate(mut self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let server = self.server(raw.server)?;
-        let tokens = self.tokens(&raw.tokens)?;
-        let upstream = self.upstream(raw.upstream)?;
-        let identities = if raw.identity.is_empty() {
-            vec![self.identity_from_env()?]
+        let mut problems = Vec::new();
+        let server = self.server(raw.server).map_err(|e| problems.push(e)).ok();
+        let tokens = self.tokens(&raw.tokens).map_err(|e| problems.push(e)).ok();
+        let upstream = self.upstream(raw.upstream).map_err(|e| problems.push(e)).ok();
+        let identities: Option<Vec<Identity>> = if raw.identity.is_empty() {
+            self.identity_from_env().map_err(|e| problems.push(e)).ok().map(|i| vec![i])
         } else {
             let mut out = Vec::with_capacity(raw.identity.len());
+            let mut all = true;
             for (i, r) in raw.identity.into_iter().enumerate() {
-                out.push(self.identity(i, r)?);
+                match self.identity(i, r) {
+                    Ok(identity) => out.push(identity),
+                    Err(e) => {
+                        problems.push(e);
+                        all = false;
+                    }
+                }
             }
-            out
+            all.then_some(out)
+        };
+        let metrics_listen = match (raw.metrics, &server) {
+            (Some(m), Some(server)) => self.metrics(m, server).map_err(|e| problems.push(e)).ok().map(Some),
+            (Some(_), None) | (None, _) => Some(None),
+        };
+        let (Some(server), Some(tokens), Some(upstream), Some(identities), Some(metrics_listen)) =
+            (server, tokens, upstream, identities, metrics_listen)
+        else {
+            return Err(if problems.len() == 1 { problems.remove(0) } else { ConfigError::Several(problems) });
         };
         self.check_unambiguous(&identities)?;
         let access = raw.access.map(|a| self.access(a, &identities)).transpose()?;
@@ -88,7 +108,6 @@ impl<'a> Validator<'a> {
                 }
             },
         };
-        let metrics_listen = raw.metrics.map(|m| self.metrics(m, &server)).transpose()?;
         Ok(Config {
             source: self.path,
             server,
