@@ -27,8 +27,8 @@ pub async fn serve(config: &Path) -> Result<(), Error> {
 }
 
 /// `tokend dev`: a built-in issuer and a broker on `listen`, for development only.
-pub async fn dev(listen: SocketAddr, resources: Vec<String>) -> Result<(), Error> {
-    crate::dev::run(listen, resources).await
+pub async fn dev(listen: SocketAddr, resources: Vec<String>, json_logs: bool) -> Result<(), Error> {
+    crate::dev::run(listen, resources, json_logs).await
 }
 
 /// The `--dialect` values `tokend env` takes; the first is the default.

@@ -41,7 +41,7 @@ const BANNER: &str = "\
 
 /// `tokend dev`: the issuer, then a broker against it on `listen` (loopback only) until SIGTERM/SIGINT.
 /// The `export` lines go to stdout once the broker listens.
-pub(crate) async fn run(listen: SocketAddr, resources: Vec<String>) -> Result<(), Error> {
+pub(crate) async fn run(listen: SocketAddr, resources: Vec<String>, json_logs: bool) -> Result<(), Error> {
     if !listen.ip().is_loopback() {
         return Err(Error::Usage(format!(
             "--listen {listen} is not a loopback address; tokend dev only listens on loopback"
@@ -53,7 +53,13 @@ pub(crate) async fn run(listen: SocketAddr, resources: Vec<String>) -> Result<()
     let config = dev_config(&issuer, listen)?;
     let prepared = daemon::prepare(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let header = prepared.identity_header.clone();
-    eprintln!("{BANNER}");
+    if json_logs {
+        // One structured line instead of the plain-text box, so that a JSON log stays JSON.
+        let text = BANNER.replace('#', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+        tracing::warn!(banner = %text, "DEVELOPMENT ONLY");
+    } else {
+        eprintln!("{BANNER}");
+    }
     let client_dir = std::env::temp_dir().join(format!("tokend-dev-{}", std::process::id()));
     let client = (client_dir.clone(), issuer.client_id.clone(), issuer.token_url.clone(), issuer.client_secret.clone());
     let on_listening = move |bound: &[SocketAddr]| {

@@ -131,7 +131,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let json_logs = matches!(cli.log_format, LogFormat::Json);
+    match runtime.block_on(dispatch(cli.command, json_logs)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -153,15 +154,72 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder.event_format(JsonLines).init(),
+    }
+}
+
+/// JSON log lines shaped like tracing-subscriber's (`timestamp`, `level`, `fields`, `target`), except
+/// that a field logged as a list or a map (`?vec`) is a JSON array or object, not a string of Debug text.
+struct JsonLines;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JsonLines
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut fields = serde_json::Map::new();
+        event.record(&mut JsonFields(&mut fields));
+        let meta = event.metadata();
+        let line = serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "level": meta.level().as_str(),
+            "fields": fields,
+            "target": meta.target(),
+        });
+        writeln!(writer, "{line}")
+    }
+}
+
+struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonFields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        // Debug of a list of strings or numbers is JSON already; anything else stays a string.
+        let value = (field.name() != "message" && (text.starts_with('[') || text.starts_with('{')))
+            .then(|| serde_json::from_str(&text).ok())
+            .flatten()
+            .unwrap_or(serde_json::Value::String(text));
+        self.0.insert(field.name().to_owned(), value);
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().to_owned(), value.into());
     }
 }
 
 /// Runs one subcommand; `Ok(false)` is a failure that was already reported (a failed `check`).
-async fn dispatch(command: Command) -> Result<bool, tokend::Error> {
+async fn dispatch(command: Command, json_logs: bool) -> Result<bool, tokend::Error> {
     match command {
         Command::Serve { config } => commands::serve(&config).await?,
-        Command::Dev { listen, resources } => commands::dev(listen, resources).await?,
+        Command::Dev { listen, resources } => commands::dev(listen, resources, json_logs).await?,
         Command::Env { config, dialect } => print!("{}", commands::env(&config, &dialect)?),
         Command::Reload { pid, state_dir } => println!("{}", commands::reload(pid, state_dir.as_deref()).await?),
         Command::Health { config, live } => println!("{}", commands::health(&config, live).await?),

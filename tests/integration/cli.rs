@@ -246,3 +246,43 @@ async fn a_restart_is_ready_again_as_fast_as_the_idp_answers() {
     assert!(took < Duration::from_secs(3), "{took:?}");
     assert_eq!(again.identity_header(), header, "clients' IDENTITY_HEADER survives a restart");
 }
+
+/// `--log-format json`: every stderr line is one JSON object (the dev banner too), and structured
+/// fields such as the listen addresses are JSON arrays, not strings of Debug text.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_json_with_real_arrays() {
+    let mut child = Command::new(tokend_bin())
+        .args(["--log-format", "json", "dev", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let pid = child.id().to_string();
+    let mut lines = Vec::new();
+    let mut raw = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Ok(line) = rx.recv_timeout(left) else { break };
+        raw.push(line.clone());
+        let Ok(v) = serde_json::from_str::<Value>(&line) else { break };
+        let serving = v["fields"]["message"] == "tokend serving";
+        lines.push(v);
+        if serving {
+            break;
+        }
+    }
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = child.wait();
+    assert_eq!(lines.len(), raw.len(), "every line is JSON: {raw:?}");
+    assert!(lines.first().is_some_and(|v| v["fields"]["message"] == "DEVELOPMENT ONLY"), "{lines:?}");
+    let serving = lines.last().expect("lines");
+    assert!(serving["fields"]["listen"].as_array().is_some_and(|a| a.len() == 1 && a[0].is_string()), "{serving}");
+    assert_eq!(serving["fields"]["identities"], serde_json::json!(["dev"]));
+}
