@@ -286,3 +286,12 @@ async fn json_logs_are_json_with_real_arrays() {
     assert!(serving["fields"]["listen"].as_array().is_some_and(|a| a.len() == 1 && a[0].is_string()), "{serving}");
     assert_eq!(serving["fields"]["identities"], serde_json::json!(["dev"]));
 }
+
+/// `tokend dev --listen localhost:…`: host names are not resolved, and the error says what to write.
+#[test]
+fn a_host_name_for_listen_gets_a_hint() {
+    let out = tokend(&["dev", "--listen", "localhost:50343"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("host names are not resolved, use 127.0.0.1, e.g. 127.0.0.1:50343"), "{stderr}");
+}
