@@ -132,10 +132,10 @@ pub(crate) async fn readiness(broker: Arc<Broker>, listening: String, cancel: Ca
     let mut last = String::new();
     loop {
         let states = broker.readiness();
+        let becomes_ready = !ready && states.iter().all(|s| s.ready);
+        ready |= becomes_ready;
         let text = status_text(&states, ready, &listening);
-        if !ready && states.iter().all(|s| s.ready) {
-            ready = true;
-            let text = status_text(&states, ready, &listening);
+        if becomes_ready {
             notify(&[NotifyState::Ready, NotifyState::Status(&text)]);
             tracing::info!(status = %text, "ready: systemd notified");
             last = text;
