@@ -251,13 +251,6 @@ pub(crate) struct Parsed {
 /// case (so no reallocation leaves a copy behind) that is wiped when the HTTP stack drops the body.
 /// Copies the HTTP and TLS stacks make while sending are theirs and are not wiped.
 fn encode_form(pairs: &[(&str, &str)]) -> reqwest::Body {
-    /// Bytes that are zeroed when the last reference to them goes.
-    struct Wiped(Zeroizing<Vec<u8>>);
-    impl AsRef<[u8]> for Wiped {
-        fn as_ref(&self) -> &[u8] {
-            &self.0
-        }
-    }
     let worst = pairs.iter().map(|(k, v)| 3 * (k.len() + v.len()) + 2).sum();
     let mut out = form_urlencoded::Serializer::new(String::with_capacity(worst));
     for (k, v) in pairs {
@@ -265,7 +258,7 @@ fn encode_form(pairs: &[(&str, &str)]) -> reqwest::Body {
     }
     let encoded = out.finish();
     debug_assert!(encoded.len() <= worst);
-    reqwest::Body::from(bytes::Bytes::from_owner(Wiped(Zeroizing::new(encoded.into_bytes()))))
+    reqwest::Body::from(crate::secret::wiped_bytes(encoded.into_bytes()))
 }
 
 /// Classifies and parses a token endpoint answer. Pure, so it is unit-tested and fuzzable.

@@ -7,6 +7,21 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use secrecy::SecretString;
 
+/// `bytes` as `Bytes` that are zeroed when the last reference to them goes (an HTTP body holding a
+/// secret: the request body to the IdP, a token answer).
+pub(crate) fn wiped_bytes(bytes: Vec<u8>) -> bytes::Bytes {
+    bytes::Bytes::from_owner(Wiped(secrecy::zeroize::Zeroizing::new(bytes)))
+}
+
+/// Bytes that are zeroed when the last reference to them goes.
+struct Wiped(secrecy::zeroize::Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for Wiped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// `sha256:` + the first 12 hex digits of the bytes' SHA-256: enough to correlate, useless to replay.
 pub(crate) fn fingerprint(bytes: &[u8]) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);

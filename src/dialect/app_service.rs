@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{RawQuery, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
@@ -35,17 +35,13 @@ pub(crate) const HEADER: &str = "x-identity-header";
 pub(crate) const HEADER_2017: &str = "secret";
 
 /// The handler.
-pub(crate) async fn token(
-    State(broker): State<Arc<Broker>>,
-    asker: Asker,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    let query = query.as_deref();
+pub(crate) async fn token(State(broker): State<Arc<Broker>>, asker: Asker, req: Request) -> Response {
+    let (headers, query) = (req.headers(), req.uri().query());
     // The version decides the dialect; a query that does not parse is answered by the 2019 rules.
-    let is_2017 = parse_query(query).is_ok_and(|q| q.api_version.as_deref() == Some(API_VERSION_2017));
+    let parsed = parse_query(query);
+    let is_2017 = parsed.as_ref().is_ok_and(|q| q.api_version.as_deref() == Some(API_VERSION_2017));
     let dialect = if is_2017 { Dialect::AzureMl } else { Dialect::AppService };
-    let checked = if is_2017 { check_2017(&broker, &headers, query) } else { check(&broker, &headers, query) };
+    let checked = if is_2017 { check_2017(&broker, headers, query) } else { check(&broker, headers, parsed) };
     match answer(&broker, asker, dialect, checked).await {
         Ok(r) => r,
         Err(e) => e.into_response(dialect),
@@ -73,10 +69,14 @@ fn check_secret(broker: &Broker, headers: &HeaderMap, is_2017: bool) -> Result<(
     }
 }
 
-/// The 2019 checks: exactly one matching `X-IDENTITY-HEADER`, a valid query and api-version.
-fn check(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<TokenQuery, RequestError> {
+/// The 2019 checks: exactly one matching `X-IDENTITY-HEADER`, a valid (`parsed`) query and api-version.
+fn check<'q>(
+    broker: &Broker,
+    headers: &HeaderMap,
+    parsed: Result<TokenQuery<'q>, RequestError>,
+) -> Result<TokenQuery<'q>, RequestError> {
     check_secret(broker, headers, false)?;
-    let q = parse_query(query)?;
+    let q = parsed?;
     check_api_version(q.api_version.as_deref(), MIN_API_VERSION).map_err(|mut e| {
         e.description.push_str(&format!(" (or {API_VERSION_2017} with header secret)"));
         e
@@ -85,7 +85,11 @@ fn check(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<To
 }
 
 /// The 2017 / Azure ML checks: exactly one matching `secret` header, a valid query (`clientid` allowed).
-fn check_2017(broker: &Broker, headers: &HeaderMap, query: Option<&str>) -> Result<TokenQuery, RequestError> {
+fn check_2017<'q>(
+    broker: &Broker,
+    headers: &HeaderMap,
+    query: Option<&'q str>,
+) -> Result<TokenQuery<'q>, RequestError> {
     check_secret(broker, headers, true)?;
     parse_params(query, Params::Query2017)
 }

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 
@@ -20,21 +20,21 @@ use crate::broker::Broker;
 pub(crate) const MAX_FORM: usize = 4 * 1024;
 
 /// The handler.
-pub(crate) async fn token(
-    State(broker): State<Arc<Broker>>,
-    asker: Asker,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Body,
-) -> Response {
-    let checked = check(&headers, query.as_deref(), body).await;
+pub(crate) async fn token(State(broker): State<Arc<Broker>>, asker: Asker, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let form = read_form(&parts.headers, parts.uri.query(), body).await;
+    let checked = match &form {
+        Ok(bytes) => parse_form(bytes),
+        Err(e) => Err(e.clone()),
+    };
     match answer(&broker, asker, Dialect::CloudShell, checked).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::CloudShell),
     }
 }
 
-async fn check(headers: &HeaderMap, query: Option<&str>, body: Body) -> Result<TokenQuery, RequestError> {
+/// The header checks, then the form body (bounded).
+async fn read_form(headers: &HeaderMap, query: Option<&str>, body: Body) -> Result<Bytes, RequestError> {
     if header_str(headers, "metadata") != Some("true") {
         return Err(RequestError::bad_request("Required metadata header not specified"));
     }
@@ -63,13 +63,17 @@ async fn check(headers: &HeaderMap, query: Option<&str>, body: Body) -> Result<T
             retry_after: None,
         });
     }
-    let bytes = axum::body::to_bytes(body, MAX_FORM).await.map_err(|_| RequestError {
+    axum::body::to_bytes(body, MAX_FORM).await.map_err(|_| RequestError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         code: "invalid_request",
         description: format!("the form body is larger than {MAX_FORM} bytes"),
         retry_after: None,
-    })?;
-    let text = std::str::from_utf8(&bytes).map_err(|_| RequestError::bad_request("the form body is not UTF-8"))?;
+    })
+}
+
+/// The form's parameters; `resource` is required.
+fn parse_form(bytes: &[u8]) -> Result<TokenQuery<'_>, RequestError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| RequestError::bad_request("the form body is not UTF-8"))?;
     let q = parse_params(Some(text.trim_end_matches(['\r', '\n'])), Params::Form)?;
     if q.resource.is_none() {
         return Err(RequestError::bad_request("form field resource is required"));

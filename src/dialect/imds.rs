@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{RawQuery, State};
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 
@@ -18,13 +18,8 @@ pub(crate) const MIN_API_VERSION: &str = "2018-02-01";
 
 /// The handler. A request without `Metadata: true` (DefaultAzureCredential's probe) gets IMDS's 400 at
 /// once; so does one that a proxy forwarded (IMDS's SSRF rule).
-pub(crate) async fn token(
-    State(broker): State<Arc<Broker>>,
-    asker: Asker,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    match handle(&broker, asker, &headers, query.as_deref()).await {
+pub(crate) async fn token(State(broker): State<Arc<Broker>>, asker: Asker, req: Request) -> Response {
+    match handle(&broker, asker, req.headers(), req.uri().query()).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::Imds),
     }
@@ -47,7 +42,7 @@ async fn handle(
 }
 
 /// The rest of IMDS's checks: no proxy headers, a valid query and api-version.
-fn check(headers: &HeaderMap, query: Option<&str>) -> Result<TokenQuery, RequestError> {
+fn check<'q>(headers: &HeaderMap, query: Option<&'q str>) -> Result<TokenQuery<'q>, RequestError> {
     for h in ["x-forwarded-for", "forwarded"] {
         if headers.contains_key(h) {
             return Err(RequestError::bad_request(format!(

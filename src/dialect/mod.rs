@@ -21,16 +21,17 @@ pub(crate) use query::{Params, TokenQuery, check_api_version, parse_params, pars
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use axum::body::{Body, Bytes};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Serialize;
 
 use crate::audit::Record;
 use crate::broker::Broker;
@@ -38,7 +39,8 @@ use crate::caller::{Caller, Unknown};
 use crate::clock::unix_secs;
 use crate::process::ProcessLookup;
 use crate::resource::Resource;
-use crate::token::{Served, TokenError};
+use crate::snapshot::Snapshot;
+use crate::token::{AccessToken, Served, TokenError};
 
 /// How long the first answer on a connection waits for the caller's process lookup (audit log only).
 const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
@@ -175,20 +177,6 @@ fn whole_seconds(d: std::time::Duration) -> u64 {
     (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
-/// The success body: the superset every SDK accepts, every number a string.
-#[derive(Debug, Serialize)]
-struct TokenBody<'a> {
-    access_token: &'a str,
-    client_id: &'a str,
-    expires_in: String,
-    expires_on: String,
-    ext_expires_in: String,
-    not_before: String,
-    refresh_token: &'static str,
-    resource: &'a str,
-    token_type: &'static str,
-}
-
 /// Who is asking: the connection's [`Caller`] and, when the audit log wants it, the lookup of its
 /// process (both request extensions set by the accept loop).
 #[derive(Debug, Clone)]
@@ -197,15 +185,20 @@ pub(crate) struct Asker {
     process: Option<Arc<ProcessLookup>>,
 }
 
+impl Asker {
+    /// A connection's caller and, when the audit log wants it, the lookup of its process.
+    pub(crate) fn new(caller: Caller, process: Option<Arc<ProcessLookup>>) -> Self {
+        Self { caller, process }
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Asker {
     type Rejection = Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        Ok(Self {
-            // No caller extension only in router unit tests: treat it as a failed lookup.
-            caller: parts.extensions.get::<Caller>().copied().unwrap_or(Caller::Unknown(Unknown::LookupFailed)),
-            process: parts.extensions.get::<Arc<ProcessLookup>>().cloned(),
-        })
+        // The accept loop sets it on every request; it is missing only in router unit tests: treat that
+        // as a failed lookup.
+        Ok(parts.extensions.get::<Self>().cloned().unwrap_or(Self::new(Caller::Unknown(Unknown::LookupFailed), None)))
     }
 }
 
@@ -215,10 +208,11 @@ pub(crate) async fn answer(
     broker: &Broker,
     asker: Asker,
     dialect: Dialect,
-    checked: Result<TokenQuery, RequestError>,
+    checked: Result<TokenQuery<'_>, RequestError>,
 ) -> Result<Response, RequestError> {
     let Asker { caller, process } = asker;
-    let process = process.filter(|_| broker.audit().is_some());
+    let audit = broker.audit();
+    let process = process.filter(|_| audit.is_some());
     // The process is looked up once per connection, on a blocking thread, alongside the decision; the
     // first answer on a connection waits for it (at most PROCESS_WAIT), because a client that has its
     // answer may close and exit at once, and then there is nothing left to look up.
@@ -227,18 +221,18 @@ pub(crate) async fn answer(
         tokio::task::spawn_blocking(move || p.resolve().map(|_| ()))
     });
     let started = std::time::Instant::now();
-    let raw_resource = checked.as_ref().ok().and_then(|q| q.resource.clone());
+    let snapshot = broker.snapshot();
     let mut seen = Seen::default();
-    let result = match checked {
-        Ok(q) => decide(broker, &caller, dialect, q, &mut seen).await,
-        Err(e) => Err(e),
+    let (result, raw_resource) = match &checked {
+        Ok(q) => (decide(broker, &snapshot, &caller, dialect, q, &mut seen).await, q.resource.as_deref()),
+        Err(e) => (Err(e.clone()), None),
     };
     if let Some(lookup) = lookup
         && tokio::time::timeout(PROCESS_WAIT, lookup).await.is_err()
     {
         tracing::debug!(%caller, "the caller's process lookup is slow; answering without waiting for it");
     }
-    if let Some(log) = broker.audit() {
+    if let Some(log) = audit {
         let (decision, status, reason) = match &result {
             Ok(_) => ("issued", 200, None),
             Err(e) if matches!(e.status, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED) => {
@@ -249,14 +243,14 @@ pub(crate) async fn answer(
         };
         let record = Record {
             dialect: dialect.name(),
-            identity: seen.identity.as_deref(),
-            resource: raw_resource.as_deref(),
+            identity: seen.identity,
+            resource: raw_resource,
             decision,
             rule: seen.rule,
             cache: seen.cache_hit.map(|hit| if hit { "hit" } else { "fetch" }),
             status,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-            token: seen.token.as_deref(),
+            token: seen.token.as_deref().map(AccessToken::fingerprint),
             reason,
         };
         log.record(&caller, process, &record);
@@ -267,32 +261,33 @@ pub(crate) async fn answer(
     })
 }
 
-/// What `decide` got to, for the audit line.
+/// What `decide` got to, for the audit line (borrowed: nothing is copied on the request path).
 #[derive(Debug, Default)]
-struct Seen {
-    identity: Option<String>,
+struct Seen<'s> {
+    identity: Option<&'s str>,
     rule: Option<usize>,
     rate_limited: bool,
     cache_hit: Option<bool>,
-    token: Option<String>,
+    token: Option<Arc<AccessToken>>,
 }
 
-async fn decide(
+async fn decide<'s>(
     broker: &Broker,
+    snapshot: &'s Snapshot,
     caller: &Caller,
     dialect: Dialect,
-    q: TokenQuery,
-    seen: &mut Seen,
+    q: &TokenQuery<'_>,
+    seen: &mut Seen<'s>,
 ) -> Result<Response, RequestError> {
-    let raw_resource = q.resource.ok_or_else(|| RequestError::bad_request("query parameter resource is required"))?;
-    let resource = Resource::parse(&raw_resource)
+    let raw_resource =
+        q.resource.as_deref().ok_or_else(|| RequestError::bad_request("query parameter resource is required"))?;
+    let resource = Resource::parse(raw_resource)
         .map_err(|e| RequestError::bad_request(format!("query parameter resource: {e}")))?;
-    let snapshot = broker.snapshot();
     let identity = snapshot
         .identities
         .select(q.selector.as_ref())
         .map_err(|e| RequestError::bad_request(format!("Identity not found: {e}")))?;
-    seen.identity = Some(identity.name.clone());
+    seen.identity = Some(&identity.name);
     if let Some(access) = &snapshot.access {
         seen.rule = access.decide(caller, &identity.name, &resource).map_err(|denied| {
             crate::metrics::get().denied();
@@ -318,7 +313,7 @@ async fn decide(
             retry_after: Some(secs),
         });
     }
-    let Served { token, cache_hit } = broker.cache().get(&snapshot, caller, identity, &resource).await.map_err(|e| {
+    let Served { token, cache_hit } = broker.cache().get(snapshot, caller, identity, &resource).await.map_err(|e| {
         tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
         if matches!(e, TokenError::TooManyResources { .. } | TokenError::AddingTooFast { .. }) {
             crate::metrics::get().on_demand_refused();
@@ -328,22 +323,50 @@ async fn decide(
     tracing::debug!(%caller, identity = %identity.name, %resource, ?dialect, cache_hit, token = token.fingerprint(), "token served");
     seen.cache_hit = Some(cache_hit);
     crate::metrics::get().served(cache_hit);
-    seen.token = Some(token.fingerprint().to_owned());
-    let now = unix_secs(SystemTime::now());
-    let body = TokenBody {
-        access_token: token.secret(),
-        client_id: &identity.client_id,
-        expires_in: token.expires_on().saturating_sub(now).to_string(),
-        expires_on: token.expires_on().to_string(),
-        ext_expires_in: token.ext_expires_on().saturating_sub(now).to_string(),
-        not_before: token.not_before().to_string(),
-        refresh_token: "",
-        resource: &raw_resource,
-        token_type: "Bearer",
-    };
-    let mut resp = axum::Json(body).into_response();
+    let body = token_body(&token, &identity.client_id, raw_resource, unix_secs(SystemTime::now()));
+    seen.token = Some(token);
+    let mut resp = Response::new(Body::from(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// The success body: the superset every SDK accepts, every number a string of digits, in the field
+/// order `serde_json` gave it before (a unit test pins the two equal). Written straight into one buffer
+/// of the right size: the token's JSON string form is kept with the token, so only the numbers, the
+/// client id and the caller's resource spelling are rendered per request. The buffer is zeroed when
+/// hyper is done with it (it holds the token).
+fn token_body(token: &AccessToken, client_id: &str, resource: &str, now: u64) -> Bytes {
+    let token_json = token.json_string();
+    // Room for the worst case (every character of the two strings escaped as `\\u00XX`), so that no
+    // reallocation leaves an unwiped copy of the token behind.
+    let capacity = token_json.len() + 6 * (client_id.len() + resource.len()) + 320;
+    let mut out = Vec::with_capacity(capacity);
+    out.extend_from_slice(b"{\"access_token\":");
+    out.extend_from_slice(token_json.as_bytes());
+    out.extend_from_slice(b",\"client_id\":");
+    json_string(&mut out, client_id);
+    let numbers = [
+        ("expires_in", token.expires_on().saturating_sub(now)),
+        ("expires_on", token.expires_on()),
+        ("ext_expires_in", token.ext_expires_on().saturating_sub(now)),
+        ("not_before", token.not_before()),
+    ];
+    for (name, value) in numbers {
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, ",\"{name}\":\"{value}\"");
+    }
+    out.extend_from_slice(b",\"refresh_token\":\"\",\"resource\":");
+    json_string(&mut out, resource);
+    out.extend_from_slice(b",\"token_type\":\"Bearer\"}");
+    debug_assert_eq!(out.capacity(), capacity, "the token body outgrew its buffer");
+    crate::secret::wiped_bytes(out)
+}
+
+/// Appends `s` as a JSON string.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // A `&str` always serialises.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// Which clients `tokend env` prints the variables for. Each output first unsets the other dialects'
@@ -427,6 +450,57 @@ pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a s
 mod tests {
     use super::*;
     use crate::identity::Selector;
+
+    /// The body as `serde_json` rendered it before [`token_body`] wrote it by hand.
+    #[derive(serde::Serialize)]
+    struct Reference<'a> {
+        access_token: &'a str,
+        client_id: &'a str,
+        expires_in: String,
+        expires_on: String,
+        ext_expires_in: String,
+        not_before: String,
+        refresh_token: &'static str,
+        resource: &'a str,
+        token_type: &'static str,
+    }
+
+    #[test]
+    fn the_token_body_is_what_serde_json_wrote_byte_for_byte() {
+        let requested_at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_780_000_000);
+        let strings = ["eyJ0eXAi.eyJhdWQi.c2ln", "quote\" back\\slash \u{1} ctl \u{7f} é ☃ 😀 </script>", ""];
+        for (i, secret) in strings.iter().enumerate() {
+            let issued = crate::token::IssuedToken {
+                access_token: (*secret).to_owned().into(),
+                expires_in: std::time::Duration::from_secs(3599),
+                ext_expires_in: (i == 0).then_some(std::time::Duration::from_secs(7199)),
+                refresh_in: None,
+                requested_at,
+            };
+            let token = AccessToken::new(issued, tokio::time::Instant::now(), std::time::Duration::from_secs(1800));
+            for (client_id, resource) in [("cid", "https://storage.azure.com"), (strings[1], strings[1]), ("", "")] {
+                let now = 1_780_000_100;
+                let expected = serde_json::to_vec(&Reference {
+                    access_token: secret,
+                    client_id,
+                    expires_in: (1_780_003_599 - now).to_string(),
+                    expires_on: "1780003599".to_owned(),
+                    ext_expires_in: (if i == 0 { 1_780_007_199 } else { 1_780_003_599 } - now).to_string(),
+                    not_before: "1780000000".to_owned(),
+                    refresh_token: "",
+                    resource,
+                    token_type: "Bearer",
+                })
+                .expect("json");
+                let body = token_body(&token, client_id, resource, now);
+                assert_eq!(String::from_utf8_lossy(&body), String::from_utf8_lossy(&expected));
+            }
+            // Past expiry the numbers bottom out at zero rather than wrapping.
+            let late = token_body(&token, "c", "r", 1_790_000_000);
+            let late: serde_json::Value = serde_json::from_slice(&late).expect("json");
+            assert_eq!((late["expires_in"].as_str(), late["ext_expires_in"].as_str()), (Some("0"), Some("0")));
+        }
+    }
 
     #[test]
     fn env_lines_set_one_dialect_and_unset_the_others() {

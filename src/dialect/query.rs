@@ -2,16 +2,18 @@
 //! Shell POST: duplicates and bad percent-encoding refused, at most one identity selector, unknown
 //! parameters ignored (clients add their own); and the `api-version` check.
 
+use std::borrow::Cow;
+
 use super::RequestError;
 use crate::identity::Selector;
 
-/// The parameters of a token request.
+/// The parameters of a token request, borrowed from the request where no decoding was needed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct TokenQuery {
+pub(crate) struct TokenQuery<'q> {
     /// `api-version`
-    pub api_version: Option<String>,
+    pub api_version: Option<Cow<'q, str>>,
     /// `resource`, decoded, as the caller spelt it.
-    pub resource: Option<String>,
+    pub resource: Option<Cow<'q, str>>,
     /// At most one identity selector.
     pub selector: Option<Selector>,
 }
@@ -40,15 +42,15 @@ impl Params {
 
 /// Parses a query string: rejects duplicates, bad percent-encoding and conflicting selectors; ignores
 /// parameters it does not know (clients add their own).
-pub(crate) fn parse_query(raw: Option<&str>) -> Result<TokenQuery, RequestError> {
+pub(crate) fn parse_query(raw: Option<&str>) -> Result<TokenQuery<'_>, RequestError> {
     parse_params(raw, Params::Query)
 }
 
 /// [`parse_query`] for parameters from `source`.
-pub(crate) fn parse_params(raw: Option<&str>, source: Params) -> Result<TokenQuery, RequestError> {
+pub(crate) fn parse_params(raw: Option<&str>, source: Params) -> Result<TokenQuery<'_>, RequestError> {
     let what = source.what();
     let mut q = TokenQuery::default();
-    let mut seen: Vec<String> = Vec::new();
+    let mut seen: Vec<Cow<'_, str>> = Vec::new();
     for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let raw_name = pair.split('=').next().unwrap_or("");
         if !percent_encoding_ok(pair) {
@@ -58,12 +60,12 @@ pub(crate) fn parse_params(raw: Option<&str>, source: Params) -> Result<TokenQue
             )));
         }
         let Some((name, value)) = form_urlencoded::parse(pair.as_bytes()).next() else { continue };
-        if seen.iter().any(|s| *s == name) {
+        if seen.contains(&name) {
             return Err(RequestError::bad_request(format!("{what} {name:?} appears more than once")));
         }
-        seen.push(name.to_string());
-        let value = value.into_owned();
-        let selector = match name.as_ref() {
+        seen.push(name);
+        let name = seen.last().map_or("", AsRef::as_ref);
+        let selector = match name {
             "api-version" => {
                 q.api_version = Some(value);
                 continue;
@@ -72,13 +74,14 @@ pub(crate) fn parse_params(raw: Option<&str>, source: Params) -> Result<TokenQue
                 q.resource = Some(value);
                 continue;
             }
-            _ if value.is_empty() => continue,
-            "client_id" => Selector::ClientId(value),
-            "clientid" if source == Params::Query2017 => Selector::ClientId(value),
-            "object_id" | "principal_id" => Selector::ObjectId(value),
-            "msi_res_id" | "mi_res_id" => Selector::ResourceId(value),
-            _ => continue,
+            _ if value.is_empty() => None,
+            "client_id" => Some(Selector::ClientId(value.into_owned())),
+            "clientid" if source == Params::Query2017 => Some(Selector::ClientId(value.into_owned())),
+            "object_id" | "principal_id" => Some(Selector::ObjectId(value.into_owned())),
+            "msi_res_id" | "mi_res_id" => Some(Selector::ResourceId(value.into_owned())),
+            _ => None,
         };
+        let Some(selector) = selector else { continue };
         if q.selector.is_some() {
             let selectors = if source == Params::Query2017 { "clientid, " } else { "" };
             return Err(RequestError::bad_request(format!(

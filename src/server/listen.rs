@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use std::convert::Infallible;
+
+use axum::extract::Request;
+use axum::response::Response;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -19,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::caller::{Caller, TcpCallers};
 use crate::config::{ServerConfig, UnixSocketConfig};
+use crate::dialect::Asker;
 use crate::process::ProcessLookup;
 
 /// A bound listener.
@@ -238,9 +242,9 @@ impl Default for Limits {
 
 /// Serves `app` on every listener until `shutdown` is cancelled, then lets in-flight requests finish
 /// for at most `limits.drain`, and removes the unix socket.
-pub(crate) async fn serve(
+pub(crate) async fn serve<A: App>(
     listeners: Vec<Listener>,
-    app: Router,
+    app: A,
     shutdown: CancellationToken,
     limits: Limits,
 ) -> io::Result<()> {
@@ -280,9 +284,9 @@ pub(crate) async fn serve(
     result
 }
 
-async fn accept_loop(
+async fn accept_loop<A: App>(
     listener: Listener,
-    app: Router,
+    app: A,
     stop: CancellationToken,
     graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
     callers: Arc<TcpCallers>,
@@ -329,11 +333,10 @@ async fn accept_loop(
             }
             _ => None,
         };
-        let service = tower::ServiceExt::map_request(app.clone(), move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(caller);
-            if let Some(p) = &process {
-                req.extensions_mut().insert(p.clone());
-            }
+        let asker = Asker::new(caller, process);
+        let service = tower::ServiceExt::map_request(app.clone(), move |req: hyper::Request<Incoming>| {
+            let mut req = req.map(axum::body::Body::new);
+            req.extensions_mut().insert(asker.clone());
             req
         });
         let service = hyper_util::service::TowerToHyperService::new(service);
@@ -345,6 +348,17 @@ async fn accept_loop(
             drop((permit, slot));
         });
     }
+}
+
+/// What [`serve`] serves: the application ([`super::App`]) or, in tests, any router.
+pub(crate) trait App:
+    tower::Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send + 'static
+{
+}
+
+impl<S> App for S where
+    S: tower::Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send + 'static
+{
 }
 
 /// Open connections per caller; a [`Slot`] gives its place back when the connection ends.
@@ -413,6 +427,7 @@ async fn accept(listener: &Listener) -> io::Result<(Box<dyn Stream>, String, Pen
 
 #[cfg(test)]
 mod tests {
+    use axum::Router;
     use axum::routing::get;
 
     use super::*;

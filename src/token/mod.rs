@@ -24,13 +24,15 @@ use crate::secret::fingerprint;
 
 /// A cached bearer token with its expiry on both clocks: monotonic for decisions, wall for the wire.
 pub(crate) struct AccessToken {
-    secret: SecretString,
     expires_on: u64,
     ext_expires_on: u64,
     not_before: u64,
     expires_at: Instant,
     refresh_due: Instant,
     fingerprint: String,
+    /// The token, kept as a JSON string (quoted and escaped): rendered once, for every answer that
+    /// carries it.
+    json: SecretString,
 }
 
 impl AccessToken {
@@ -40,6 +42,7 @@ impl AccessToken {
         let base = unix_secs(issued.requested_at);
         let lifetime = issued.expires_in.as_secs();
         let fingerprint = fingerprint(issued.access_token.expose_secret().as_bytes());
+        let json = json_string(issued.access_token.expose_secret());
         Self {
             expires_on: base + lifetime,
             ext_expires_on: base + issued.ext_expires_in.map_or(lifetime, |d| d.as_secs()),
@@ -47,13 +50,19 @@ impl AccessToken {
             expires_at: requested + issued.expires_in,
             refresh_due: requested + refresh_after,
             fingerprint,
-            secret: issued.access_token,
+            json,
         }
     }
 
-    /// The bearer token itself. Only the dialect responses call this.
-    pub(crate) fn secret(&self) -> &str {
-        self.secret.expose_secret()
+    /// The bearer token itself (decoded from its JSON form).
+    #[cfg(test)]
+    pub(crate) fn secret(&self) -> String {
+        serde_json::from_str(self.json.expose_secret()).expect("a JSON string")
+    }
+
+    /// The token as a JSON string: quoted and escaped.
+    pub(crate) fn json_string(&self) -> &str {
+        self.json.expose_secret()
     }
 
     /// Expiry, seconds since the Unix epoch.
@@ -85,6 +94,29 @@ impl AccessToken {
     pub(crate) fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
+}
+
+/// `secret` as a JSON string, in a buffer of exactly its size (measured first), so that neither growing
+/// nor shrinking it leaves an unwiped copy behind.
+fn json_string(secret: &str) -> SecretString {
+    /// Counts what would be written.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Serialising a `&str` cannot fail, and neither can writing to these.
+    let _ = serde_json::to_writer(&mut count, secret);
+    let mut out = Vec::with_capacity(count.0);
+    let _ = serde_json::to_writer(&mut out, secret);
+    debug_assert_eq!(out.len(), out.capacity());
+    String::from_utf8(out).unwrap_or_default().into()
 }
 
 impl fmt::Debug for AccessToken {

@@ -47,11 +47,64 @@ struct Slot {
     failure: Option<Arc<Failure>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 struct Key {
     identity: String,
     resource: Resource,
 }
+
+/// An entry's key as two borrowed names: the map is searched with one of these, so a request builds
+/// no key (a `Key` borrows as a `dyn KeyView`, and both hash and compare through [`KeyView::parts`]).
+trait KeyView {
+    /// The identity name and the resource.
+    fn parts(&self) -> (&str, &str);
+}
+
+impl KeyView for Key {
+    fn parts(&self) -> (&str, &str) {
+        (&self.identity, self.resource.as_str())
+    }
+}
+
+impl KeyView for (&str, &str) {
+    fn parts(&self) -> (&str, &str) {
+        *self
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn KeyView + 'a> for Key {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn KeyView + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyView + '_ {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for Key {}
 
 #[derive(Debug)]
 struct Entry {
@@ -360,12 +413,12 @@ impl TokenCache {
     /// and takes one from the owner's `tokens.on_demand_rate` budget.
     /// `Gone` when the live snapshot has no such identity (removed by a reload since it was selected).
     fn entry(&self, identity: &str, resource: &Resource, owner: Option<Owner>) -> Result<Arc<Entry>, Refused> {
-        let key = Key { identity: identity.to_owned(), resource: resource.clone() };
-        if let Some(e) = self.inner.entries.read().get(&key) {
+        let view = (identity, resource.as_str());
+        if let Some(e) = self.inner.entries.read().get(&view as &dyn KeyView) {
             return Ok(e.clone());
         }
         let mut map = self.inner.entries.write();
-        if let Some(e) = map.get(&key) {
+        if let Some(e) = map.get(&view as &dyn KeyView) {
             return Ok(e.clone());
         }
         // Checked under the entries lock: `apply` runs after the swap and then sees this entry.
@@ -420,6 +473,7 @@ impl TokenCache {
             owner,
             alive: AtomicBool::new(true),
         });
+        let key = Key { identity: identity.to_owned(), resource: resource.clone() };
         map.insert(key.clone(), entry.clone());
         drop(map);
         self.inner.tracker.spawn(refresher(self.inner.clone(), key, entry.clone(), tx));
