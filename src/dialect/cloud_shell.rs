@@ -13,7 +13,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 
-use super::{Asker, Dialect, Params, RequestError, TokenQuery, answer, header_str, parse_params};
+use super::{Asker, Dialect, Params, RequestError, TokenQuery, answer, check_metadata, header_str, parse_params};
 use crate::broker::Broker;
 
 /// Largest form body read (real ones are a resource URI and perhaps one selector).
@@ -35,22 +35,13 @@ pub(crate) async fn token(State(broker): State<Arc<Broker>>, asker: Asker, req: 
 
 /// The header checks, then the form body (bounded).
 async fn read_form(headers: &HeaderMap, query: Option<&str>, body: Body) -> Result<Bytes, RequestError> {
-    if header_str(headers, "metadata") != Some("true") {
-        return Err(RequestError::bad_request("Required metadata header not specified"));
-    }
-    for h in ["x-forwarded-for", "forwarded"] {
-        if headers.contains_key(h) {
-            return Err(RequestError::bad_request(format!(
-                "header {h} is not allowed: the metadata endpoint does not accept proxied requests"
-            )));
-        }
-    }
+    check_metadata(headers)?;
     if query.is_some_and(|q| !q.is_empty()) {
         return Err(RequestError::bad_request(
             "a POST carries its parameters in an application/x-www-form-urlencoded body, not in the query string",
         ));
     }
-    let content_type = header_str(headers, header::CONTENT_TYPE.as_str()).unwrap_or("");
+    let content_type = header_str(headers, header::CONTENT_TYPE).unwrap_or("");
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if !essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
         let shown: String = content_type.chars().take(64).collect();

@@ -6,7 +6,10 @@ use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::{Asker, Dialect, RequestError, TokenQuery, answer, check_api_version, header_str, parse_query};
+use super::{
+    Asker, Dialect, METADATA, RequestError, TokenQuery, answer, check_api_version, check_not_proxied, header_str,
+    parse_query,
+};
 use crate::broker::Broker;
 
 /// The path every IMDS client calls.
@@ -31,7 +34,7 @@ async fn handle(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Response, RequestError> {
-    if header_str(headers, "metadata") != Some("true") {
+    if header_str(headers, &METADATA) != Some("true") {
         tracing::debug!(
             "IMDS request without `Metadata: true` answered 400 (an availability probe, or a misconfigured client)"
         );
@@ -43,13 +46,7 @@ async fn handle(
 
 /// The rest of IMDS's checks: no proxy headers, a valid query and api-version.
 fn check<'q>(headers: &HeaderMap, query: Option<&'q str>) -> Result<TokenQuery<'q>, RequestError> {
-    for h in ["x-forwarded-for", "forwarded"] {
-        if headers.contains_key(h) {
-            return Err(RequestError::bad_request(format!(
-                "header {h} is not allowed: the metadata endpoint does not accept proxied requests"
-            )));
-        }
-    }
+    check_not_proxied(headers)?;
     let q = parse_query(query)?;
     check_api_version(q.api_version.as_deref(), MIN_API_VERSION)?;
     Ok(q)

@@ -21,7 +21,6 @@ pub(crate) use query::{Params, TokenQuery, check_api_version, parse_params, pars
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -41,6 +40,30 @@ use crate::process::ProcessLookup;
 use crate::resource::Resource;
 use crate::snapshot::Snapshot;
 use crate::token::{AccessToken, Served, TokenError};
+
+/// `Metadata` (IMDS and Cloud Shell require `true`).
+const METADATA: header::HeaderName = header::HeaderName::from_static("metadata");
+
+/// Headers a proxy adds: IMDS refuses requests that carry them.
+const PROXY_HEADERS: [header::HeaderName; 2] = [header::HeaderName::from_static("x-forwarded-for"), header::FORWARDED];
+
+/// IMDS's checks shared with the Cloud Shell POST: `Metadata: true` and no proxy headers.
+fn check_metadata(headers: &HeaderMap) -> Result<(), RequestError> {
+    if header_str(headers, &METADATA) != Some("true") {
+        return Err(RequestError::bad_request("Required metadata header not specified"));
+    }
+    check_not_proxied(headers)
+}
+
+/// No proxy headers (IMDS's SSRF rule).
+fn check_not_proxied(headers: &HeaderMap) -> Result<(), RequestError> {
+    match PROXY_HEADERS.iter().find(|h| headers.contains_key(*h)) {
+        Some(h) => Err(RequestError::bad_request(format!(
+            "header {h} is not allowed: the metadata endpoint does not accept proxied requests"
+        ))),
+        None => Ok(()),
+    }
+}
 
 /// How long the first answer on a connection waits for the caller's process lookup (audit log only).
 const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
@@ -220,7 +243,7 @@ pub(crate) async fn answer(
         let p = p.clone();
         tokio::task::spawn_blocking(move || p.resolve().map(|_| ()))
     });
-    let started = std::time::Instant::now();
+    let started = audit.map(|_| std::time::Instant::now());
     let snapshot = broker.snapshot();
     let mut seen = Seen::default();
     let (result, raw_resource) = match &checked {
@@ -232,7 +255,7 @@ pub(crate) async fn answer(
     {
         tracing::debug!(%caller, "the caller's process lookup is slow; answering without waiting for it");
     }
-    if let Some(log) = audit {
+    if let (Some(log), Some(started)) = (audit, started) {
         let (decision, status, reason) = match &result {
             Ok(_) => ("issued", 200, None),
             Err(e) if matches!(e.status, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED) => {
@@ -336,7 +359,7 @@ async fn decide<'s>(
 /// of the right size: the token's JSON string form is kept with the token, so only the numbers, the
 /// client id and the caller's resource spelling are rendered per request. The buffer is zeroed when
 /// hyper is done with it (it holds the token).
-fn token_body(token: &AccessToken, client_id: &str, resource: &str, now: u64) -> Bytes {
+pub(crate) fn token_body(token: &AccessToken, client_id: &str, resource: &str, now: u64) -> Bytes {
     let token_json = token.json_string();
     // Room for the worst case (every character of the two strings escaped as `\\u00XX`), so that no
     // reallocation leaves an unwiped copy of the token behind.
@@ -353,14 +376,32 @@ fn token_body(token: &AccessToken, client_id: &str, resource: &str, now: u64) ->
         ("not_before", token.not_before()),
     ];
     for (name, value) in numbers {
-        // Writing to a Vec cannot fail.
-        let _ = write!(out, ",\"{name}\":\"{value}\"");
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":\"");
+        push_digits(&mut out, value);
+        out.push(b'"');
     }
     out.extend_from_slice(b",\"refresh_token\":\"\",\"resource\":");
     json_string(&mut out, resource);
     out.extend_from_slice(b",\"token_type\":\"Bearer\"}");
     debug_assert_eq!(out.capacity(), capacity, "the token body outgrew its buffer");
     crate::secret::wiped_bytes(out)
+}
+
+/// Appends `n` in decimal.
+fn push_digits(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
 }
 
 /// Appends `s` as a JSON string.
@@ -442,7 +483,7 @@ pub(crate) fn export_lines(addr: SocketAddr, identity_header: &SecretString) -> 
 }
 
 /// A header's value as text, if present and valid.
-pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 

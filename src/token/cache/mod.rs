@@ -163,8 +163,8 @@ enum Refused {
 }
 
 impl Entry {
-    fn touch(&self) {
-        let ms = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+    fn touch(&self, now: Instant) {
+        let ms = u64::try_from(now.saturating_duration_since(self.created).as_millis()).unwrap_or(u64::MAX);
         self.last_used_ms.store(ms, Ordering::Relaxed);
     }
 
@@ -331,7 +331,9 @@ impl TokenCache {
         resource: &Resource,
     ) -> Result<Served, TokenError> {
         let policy = snapshot.tokens;
-        let deadline = Instant::now() + policy.max_wait;
+        // One clock read for a cache hit: the deadline, the entry's last use and the expiry check.
+        let mut now = Instant::now();
+        let deadline = now + policy.max_wait;
         let mut first_look = true;
         loop {
             let entry = match self.entry(&identity.name, resource, Some(Owner::of(caller))) {
@@ -356,10 +358,9 @@ impl TokenCache {
                     return Err(TokenError::AddingTooFast { rate: rate.to_string(), retry_after });
                 }
             };
-            entry.touch();
+            entry.touch(now);
             let mut rx = entry.slot.clone();
             loop {
-                let now = Instant::now();
                 {
                     let slot = rx.borrow_and_update();
                     if let Some(t) = slot.token.as_ref().filter(|t| t.remaining(now) > policy.min_lifetime) {
@@ -378,7 +379,9 @@ impl TokenCache {
                 }
                 first_look = false;
                 entry.wake.notify_one();
-                match tokio::time::timeout_at(deadline, rx.changed()).await {
+                let changed = tokio::time::timeout_at(deadline, rx.changed()).await;
+                now = Instant::now();
+                match changed {
                     Ok(Ok(())) => continue,
                     Ok(Err(_closed)) if self.inner.cancel.is_cancelled() => {
                         return Err(TokenError::Unavailable {
@@ -389,7 +392,6 @@ impl TokenCache {
                     }
                     Ok(Err(_closed)) => break, // the entry was dropped: look it up again
                     Err(_elapsed) => {
-                        let now = Instant::now();
                         let slot = rx.borrow();
                         return Err(match &slot.failure {
                             Some(f) => f.to_error(identity, resource, now),
