@@ -93,8 +93,8 @@ pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> App {
 /// One hand-written service rather than `Router::layer`s: a layer on a `Router` wraps every route, and
 /// each `from_fn` layer clones and boxes its inner service and its future on every request (the
 /// profile in BENCHMARKS.md: 4 layers cost ~30 of the ~74 allocations a cached token took). The timer
-/// is armed only when the routes do not answer on their first poll (a cached token never waits), and
-/// then still bounds the request at [`REQUEST_TIMEOUT`] from its start.
+/// is armed only when the routes do not answer on their first poll (a cached token never waits, and
+/// reads no clock for it), and then bounds the request at [`REQUEST_TIMEOUT`].
 #[derive(Debug, Clone)]
 pub(crate) struct Guarded<S> {
     inner: S,
@@ -129,7 +129,6 @@ where
         GuardFuture::Routed {
             inner: self.inner.call(req),
             timer: None,
-            deadline: tokio::time::Instant::now() + REQUEST_TIMEOUT,
             route,
             dialect,
         }
@@ -148,7 +147,6 @@ pin_project_lite::pin_project! {
             inner: F,
             #[pin]
             timer: Option<tokio::time::Sleep>,
-            deadline: tokio::time::Instant,
             route: Route,
             dialect: Dialect,
         },
@@ -163,11 +161,12 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for GuardFuture<F>
             GuardProj::Refused { answer, route } => {
                 (answer.take().unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response()), *route)
             }
-            GuardProj::Routed { inner, mut timer, deadline, route, dialect } => match inner.poll(cx) {
+            GuardProj::Routed { inner, mut timer, route, dialect } => match inner.poll(cx) {
                 Poll::Ready(Ok(answer)) => (answer, *route),
                 Poll::Pending => {
                     if timer.is_none() {
-                        timer.set(Some(tokio::time::sleep_until(*deadline)));
+                        // From the first poll: microseconds after the request started.
+                        timer.set(Some(tokio::time::sleep(REQUEST_TIMEOUT)));
                     }
                     match timer.as_pin_mut().map(|t| t.poll(cx)) {
                         Some(Poll::Ready(())) => (timed_out(*dialect), *route),
