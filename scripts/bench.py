@@ -47,6 +47,22 @@ def get(url, headers=None, timeout=10):
         return r.status, r.read()
 
 
+def first_answer(port, timeout=20):
+    """When a GET /healthz on 127.0.0.1:port is first answered 200: a tight loop of raw connects (a
+    refused connect costs microseconds), so the figure is tokend's start-up, not a poll interval."""
+    import socket
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return time.perf_counter()
+        except OSError:
+            time.sleep(0.0002)
+    sys.exit(f"tokend did not answer on port {port}")
+
+
 def wait_http(url, what, timeout=20):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -97,8 +113,7 @@ class Tokend:
         self.proc = subprocess.Popen([TOKEND, "serve", "--config", os.path.join(self.dir, "tokend.toml")],
                                      env=dict(os.environ, TOKEND_LOG="warn"),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_http(self.url("/healthz"), "tokend")
-        self.up_after = time.perf_counter() - self.started
+        self.up_after = first_answer(self.port) - self.started
 
     def url(self, path):
         return f"http://127.0.0.1:{self.port}{path}"
@@ -161,7 +176,8 @@ def main():
     tokend.wait_ready()
     status, body = get(tokend.url(Q), {"Metadata": "true"})
     assert status == 200
-    body_file = os.path.join(tokend.dir, "body.json")
+    os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
+    body_file = os.path.join(ROOT, "target/bench/body.json")
     with open(body_file, "wb") as f:
         f.write(body)
     base_port = free_port()
@@ -239,12 +255,21 @@ def main():
     tokend.stop()
 
     # Start-up to the first answer, no pre-warm (no configured resource).
-    startups = []
-    for _ in range(5):
+    # The bare baseline measured the same way shows what process start and the measuring loop cost.
+    startups, base_startups = [], []
+    for _ in range(9):
         t = Tokend(idp, [])
         startups.append(t.up_after * 1000)
         t.stop()
+        port = free_port()
+        started = time.perf_counter()
+        base = subprocess.Popen([BASELINE, f"127.0.0.1:{port}", body_file], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        base_startups.append((first_answer(port) - started) * 1000)
+        base.kill()
+        base.wait()
     results["startup_ms"] = statistics.median(startups)
+    results["baseline_startup_ms"] = statistics.median(base_startups)
     idp.stop()
     results["binary_bytes"] = os.path.getsize(TOKEND)
 
@@ -269,7 +294,8 @@ def main():
         ("RSS idle", f"{results['rss_idle_kib'] / 1024:.1f} MiB", "", "<= 10 MiB"),
         ("RSS after requests over 100 resources", f"{results['rss_after_requests']['rss_kib'] / 1024:.1f} MiB",
          f"{results['rss_after_requests']['requests']} requests", "<= 16 MiB"),
-        ("start-up to first answer", f"{results['startup_ms']:.1f} ms", "median of 5", "<= 20 ms"),
+        ("start-up to first answer", f"{results['startup_ms']:.1f} ms",
+         f"median of 9; bare baseline {results['baseline_startup_ms']:.1f} ms", "<= 20 ms"),
         ("release binary", f"{results['binary_bytes'] / 2**20:.1f} MiB", "", "<= 10 MiB"),
     ]
     print(f"\ntokend benchmark, commit {results['commit']}, {results['machine']}, {ROUNDS} rounds of {SECONDS} s")

@@ -126,12 +126,7 @@ where
         if let Some(e) = refused {
             return GuardFuture::Refused { answer: Some(e.into_response(dialect)), route };
         }
-        GuardFuture::Routed {
-            inner: self.inner.call(req),
-            timer: None,
-            route,
-            dialect,
-        }
+        GuardFuture::Routed { inner: self.inner.call(req), timer: None, route, dialect }
     }
 }
 
