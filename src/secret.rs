@@ -98,7 +98,9 @@ pub(crate) fn readable_warning(path: &Path, mask: u32) -> Option<String> {
 /// A fresh random secret: 32 bytes from the system RNG, base64url.
 pub(crate) fn random_secret() -> SecretString {
     let mut bytes = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut bytes).expect("the system random number generator is available");
+    // The kernel's generator directly: aws-lc's first `rand::fill` seeds its own DRBG, which took
+    // ~30 ms of tokend's start-up (BENCHMARKS.md).
+    getrandom::fill(&mut bytes).expect("the system random number generator is available");
     URL_SAFE_NO_PAD.encode(bytes).into()
 }
 
