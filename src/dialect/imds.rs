@@ -7,8 +7,8 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::{
-    Asker, Dialect, METADATA, RequestError, TokenQuery, answer, check_api_version, check_not_proxied, header_str,
-    parse_query,
+    Asker, Dialect, RequestError, TokenQuery, answer, check_api_version, check_not_proxied, parse_query,
+    require_metadata,
 };
 use crate::broker::Broker;
 
@@ -34,13 +34,12 @@ async fn handle(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Response, RequestError> {
-    if header_str(headers, &METADATA) != Some("true") {
+    // Not audited: DefaultAzureCredential sends this probe every time it starts.
+    require_metadata(headers).inspect_err(|_| {
         tracing::debug!(
             "IMDS request without `Metadata: true` answered 400 (an availability probe, or a misconfigured client)"
         );
-        // Not audited: DefaultAzureCredential sends this probe every time it starts.
-        return Err(RequestError::bad_request("Required metadata header not specified"));
-    }
+    })?;
     answer(broker, asker, Dialect::Imds, check(headers, query)).await
 }
 

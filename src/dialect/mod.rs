@@ -47,11 +47,17 @@ const METADATA: header::HeaderName = header::HeaderName::from_static("metadata")
 /// Headers a proxy adds: IMDS refuses requests that carry them.
 const PROXY_HEADERS: [header::HeaderName; 2] = [header::HeaderName::from_static("x-forwarded-for"), header::FORWARDED];
 
+/// `Metadata: true`, with IMDS's own 400 when it is missing.
+fn require_metadata(headers: &HeaderMap) -> Result<(), RequestError> {
+    match header_str(headers, &METADATA) {
+        Some("true") => Ok(()),
+        _ => Err(RequestError::bad_request("Required metadata header not specified")),
+    }
+}
+
 /// IMDS's checks shared with the Cloud Shell POST: `Metadata: true` and no proxy headers.
 fn check_metadata(headers: &HeaderMap) -> Result<(), RequestError> {
-    if header_str(headers, &METADATA) != Some("true") {
-        return Err(RequestError::bad_request("Required metadata header not specified"));
-    }
+    require_metadata(headers)?;
     check_not_proxied(headers)
 }
 

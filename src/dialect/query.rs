@@ -75,14 +75,13 @@ pub(crate) fn parse_params(raw: Option<&str>, source: Params) -> Result<TokenQue
                 q.resource = Some(value);
                 continue;
             }
-            _ if value.is_empty() => None,
-            "client_id" => Some(Selector::ClientId(value.into_owned())),
-            "clientid" if source == Params::Query2017 => Some(Selector::ClientId(value.into_owned())),
-            "object_id" | "principal_id" => Some(Selector::ObjectId(value.into_owned())),
-            "msi_res_id" | "mi_res_id" => Some(Selector::ResourceId(value.into_owned())),
-            _ => None,
+            _ if value.is_empty() => continue,
+            "client_id" => Selector::ClientId(value.into_owned()),
+            "clientid" if source == Params::Query2017 => Selector::ClientId(value.into_owned()),
+            "object_id" | "principal_id" => Selector::ObjectId(value.into_owned()),
+            "msi_res_id" | "mi_res_id" => Selector::ResourceId(value.into_owned()),
+            _ => continue,
         };
-        let Some(selector) = selector else { continue };
         if q.selector.is_some() {
             let selectors = if source == Params::Query2017 { "clientid, " } else { "" };
             return Err(RequestError::bad_request(format!(
@@ -96,7 +95,8 @@ pub(crate) fn parse_params(raw: Option<&str>, source: Params) -> Result<TokenQue
 
 /// Decodes one `application/x-www-form-urlencoded` name or value (`+` is a space, `%XX` a byte; bytes
 /// that are not UTF-8 become U+FFFD, as `form_urlencoded` does), borrowing when there is nothing to
-/// decode — the common case. `s` has passed [`percent_encoding_ok`].
+/// decode — the common case. `s` has passed [`percent_encoding_ok`]. Not `form_urlencoded::parse`:
+/// it re-validates UTF-8 and scans twice even when it borrows (query/parse ~100 ns slower with it).
 fn decode(s: &str) -> Cow<'_, str> {
     if !s.bytes().any(|b| b == b'%' || b == b'+') {
         return Cow::Borrowed(s);

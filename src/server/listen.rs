@@ -4,6 +4,7 @@
 //! `Limits::drain`. Each connection's [`Caller`] is resolved here, once, before its first request is
 //! read, and handed to the handlers as a request extension.
 
+use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -11,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
-
-use std::convert::Infallible;
 
 use axum::extract::Request;
 use axum::response::Response;

@@ -480,6 +480,26 @@ mod tests {
         );
     }
 
+    /// The request timer: armed only when the answer is not ready at once, it answers a request that
+    /// outlives REQUEST_TIMEOUT with a 503 in the route's dialect (time is paused and auto-advanced).
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_outlives_the_timer_gets_a_503_in_its_dialect() {
+        let never = Router::new().fallback(std::future::pending::<Response>);
+        let guarded = Guarded { inner: never, hosts: Arc::new(HostPolicy::default()) };
+        let started = tokio::time::Instant::now();
+        let (status, headers, body) =
+            call(&guarded, request("/msi/token?resource=r").body(Body::empty()).expect("req")).await;
+        assert_eq!((status, headers[header::RETRY_AFTER].to_str().ok()), (StatusCode::SERVICE_UNAVAILABLE, Some("1")));
+        assert_eq!(body["statusCode"].as_u64(), Some(503), "App Service shape: {body}");
+        assert_eq!(started.elapsed(), REQUEST_TIMEOUT);
+        let (status, _, body) =
+            call(&guarded, request("/metadata/identity/oauth2/token").body(Body::empty()).expect("req")).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("temporarily_unavailable"))
+        );
+    }
+
     #[test]
     fn host_policy() {
         let p = HostPolicy::for_listen(&["10.1.2.3:80".parse().expect("addr")]);
