@@ -68,6 +68,7 @@ pub const IMDS_QUERY: &str =
 #[derive(Debug)]
 pub struct App {
     app: crate::server::App,
+    asker: crate::dialect::Asker,
     broker: std::sync::Arc<crate::broker::Broker>,
     dir: std::path::PathBuf,
 }
@@ -94,12 +95,21 @@ impl App {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         let app = crate::server::router(broker.clone(), crate::server::HostPolicy::default());
-        Self { app, broker, dir }
+        let asker =
+            crate::dialect::Asker::new(crate::caller::Caller::Unknown(crate::caller::Unknown::LookupFailed), None);
+        Self { app, asker, broker, dir }
     }
 
-    /// Answers one request as the server would (minus the socket): the status and body length.
-    pub async fn call(&self, req: axum::http::Request<axum::body::Body>) -> (u16, usize) {
-        let resp = tower::ServiceExt::oneshot(self.app.clone(), req).await.unwrap_or_else(|e| match e {});
+    /// Answers one request as the server would (minus the socket): at once if it can, else routed;
+    /// the status and body length.
+    pub async fn call(&self, mut req: axum::http::Request<axum::body::Body>) -> (u16, usize) {
+        let resp = match crate::server::Application::answer_now(&self.app, &req, &self.asker) {
+            Some(resp) => resp,
+            None => {
+                req.extensions_mut().insert(self.asker.clone());
+                tower::ServiceExt::oneshot(self.app.clone(), req).await.unwrap_or_else(|e| match e {})
+            }
+        };
         (resp.status().as_u16(), axum::body::HttpBody::size_hint(resp.body()).exact().unwrap_or(0) as usize)
     }
 

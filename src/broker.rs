@@ -7,8 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::RwLock;
-
+use arc_swap::ArcSwapOption;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,7 +17,7 @@ use crate::audit::AuditLog;
 use crate::caller::Caller;
 use crate::config::{Config, ConfigError, IdentityHeaderSource};
 use crate::secret::{SecretFileError, constant_time_eq, random_secret, read_secret_file, readable_warning};
-use crate::snapshot::{Live, Snapshot};
+use crate::snapshot::{Current, Live, Snapshot};
 use crate::token::{PinnedState, TokenCache, TokenSource};
 
 /// Per-caller request budgets: one token bucket per uid (`None`: unidentified callers, together).
@@ -31,14 +30,14 @@ pub(crate) struct Broker {
     cache: TokenCache,
     identity_header: SecretString,
     /// `access.rate_limit` and its buckets; replaced (buckets reset) only when the rate changes.
-    limiter: RwLock<Option<Arc<Limiter>>>,
+    limiter: ArcSwapOption<Limiter>,
     /// `[audit]`, if configured.
     audit: Option<AuditLog>,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rate = self.limiter.read().as_ref().map(|b| b.rate().to_string());
+        let rate = self.limiter.load().as_ref().map(|b| b.rate().to_string());
         f.debug_struct("Broker").field("cache", &self.cache).field("rate_limit", &rate).finish_non_exhaustive()
     }
 }
@@ -60,11 +59,11 @@ impl Broker {
         let live = Arc::new(Live::new(Snapshot::new(config)));
         let cache = TokenCache::new(source, live.clone(), tracker.clone(), cancel.clone());
         cache.apply(None);
-        Arc::new(Self { live, cache, identity_header, limiter: RwLock::new(limiter(config)), audit })
+        Arc::new(Self { live, cache, identity_header, limiter: ArcSwapOption::new(limiter(config)), audit })
     }
 
     /// The current configuration snapshot: a request takes it once and works on it throughout.
-    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+    pub(crate) fn snapshot(&self) -> Current {
         self.live.load()
     }
 
@@ -74,15 +73,16 @@ impl Broker {
         let old = self.live.swap(Snapshot::new(config));
         self.cache.apply(Some(&old));
         let rate = config.access.as_ref().and_then(|a| a.rate_limit);
-        let mut limiter_slot = self.limiter.write();
-        if limiter_slot.as_ref().map(|b| b.rate()) != rate {
-            *limiter_slot = limiter(config);
+        // Reloads run one at a time.
+        if self.limiter.load().as_ref().map(|b| b.rate()) != rate {
+            self.limiter.store(limiter(config));
         }
     }
 
     /// Takes one request from `caller`'s budget; `Err` is how long until the next one is allowed.
     pub(crate) fn check_rate(&self, caller: &Caller) -> Result<(), (Rate, Duration)> {
-        let Some(limiter) = self.limiter.read().clone() else { return Ok(()) };
+        let limiter = self.limiter.load();
+        let Some(limiter) = limiter.as_ref() else { return Ok(()) };
         let key = match caller {
             Caller::Known { uid, .. } => Some(*uid),
             Caller::Unknown(_) => None,

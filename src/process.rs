@@ -51,6 +51,11 @@ impl ProcessLookup {
         Self { uid, pid, inode, accepted: now_ticks(), begun: AtomicBool::new(false), found: OnceLock::new() }
     }
 
+    /// Whether a caller has started the lookup.
+    pub(crate) fn claimed(&self) -> bool {
+        self.begun.load(Ordering::Relaxed)
+    }
+
     /// `true` for the first caller only: the one that should start the lookup.
     pub(crate) fn claim(&self) -> bool {
         !self.begun.swap(true, Ordering::Relaxed)

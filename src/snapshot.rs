@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use arc_swap::ArcSwap;
 
 use crate::access::Access;
 use crate::config::{Config, TokensConfig};
@@ -38,23 +38,27 @@ impl Snapshot {
     }
 }
 
-/// The current snapshot. Readers take an `Arc` and keep it for as long as they work on one request.
+/// The current snapshot, as a request holds it: read without a lock or a reference-count write (a
+/// request on every core reads it, and a shared counter written by each would bounce between them).
+pub(crate) type Current = arc_swap::Guard<Arc<Snapshot>>;
+
+/// The current snapshot. Readers take a [`Current`] and keep it for as long as they work on one request.
 #[derive(Debug)]
-pub(crate) struct Live(RwLock<Arc<Snapshot>>);
+pub(crate) struct Live(ArcSwap<Snapshot>);
 
 impl Live {
     /// Starts with `first`.
     pub(crate) fn new(first: Snapshot) -> Self {
-        Self(RwLock::new(Arc::new(first)))
+        Self(ArcSwap::from_pointee(first))
     }
 
     /// The current snapshot.
-    pub(crate) fn load(&self) -> Arc<Snapshot> {
-        self.0.read().clone()
+    pub(crate) fn load(&self) -> Current {
+        self.0.load()
     }
 
     /// Makes `next` current and returns the one it replaces.
     pub(crate) fn swap(&self, next: Snapshot) -> Arc<Snapshot> {
-        std::mem::replace(&mut *self.0.write(), Arc::new(next))
+        self.0.swap(Arc::new(next))
     }
 }

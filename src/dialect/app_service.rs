@@ -15,7 +15,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
-use super::{Asker, Dialect, Params, RequestError, TokenQuery, answer, check_api_version, parse_params, parse_query};
+use super::{
+    Asker, Dialect, Params, RequestError, TokenQuery, answer, answer_now, check_api_version, parse_params, parse_query,
+};
 use crate::broker::Broker;
 
 /// The path `IDENTITY_ENDPOINT` (and `MSI_ENDPOINT`) names.
@@ -36,15 +38,38 @@ pub(crate) const HEADER_2017: &str = "secret";
 
 /// The handler.
 pub(crate) async fn token(State(broker): State<Arc<Broker>>, asker: Asker, req: Request) -> Response {
-    let (headers, query) = (req.headers(), req.uri().query());
-    // The version decides the dialect; a query that does not parse is answered by the 2019 rules.
-    let parsed = parse_query(query);
-    let is_2017 = parsed.as_ref().is_ok_and(|q| q.api_version.as_deref() == Some(API_VERSION_2017));
-    let dialect = if is_2017 { Dialect::AzureMl } else { Dialect::AppService };
-    let checked = if is_2017 { check_2017(&broker, headers, query) } else { check(&broker, headers, parsed) };
-    match answer(&broker, asker, dialect, checked).await {
+    let (dialect, checked) = checks(&broker, req.headers(), req.uri().query());
+    match answer(&broker, &asker, dialect, checked).await {
         Ok(r) => r,
         Err(e) => e.into_response(dialect),
+    }
+}
+
+/// The handler's answer and its dialect if it needs no waiting (see [`answer_now`]); `None` if it
+/// must wait.
+pub(crate) fn token_now(
+    broker: &Broker,
+    asker: &Asker,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<(Dialect, Response)> {
+    let (dialect, checked) = checks(broker, headers, query);
+    Some((dialect, answer_now(broker, asker, dialect, &checked)?.unwrap_or_else(|e| e.into_response(dialect))))
+}
+
+/// The dialect (the version decides it; a query that does not parse is answered by the 2019 rules) and
+/// the checked query, or why the request fails that dialect's checks.
+fn checks<'q>(
+    broker: &Broker,
+    headers: &HeaderMap,
+    query: Option<&'q str>,
+) -> (Dialect, Result<TokenQuery<'q>, RequestError>) {
+    let parsed = parse_query(query);
+    let is_2017 = parsed.as_ref().is_ok_and(|q| q.api_version.as_deref() == Some(API_VERSION_2017));
+    if is_2017 {
+        (Dialect::AzureMl, check_2017(broker, headers, query))
+    } else {
+        (Dialect::AppService, check(broker, headers, parsed))
     }
 }
 

@@ -27,7 +27,7 @@ pub(crate) async fn token(State(broker): State<Arc<Broker>>, asker: Asker, req: 
         Ok(bytes) => parse_form(bytes),
         Err(e) => Err(e.clone()),
     };
-    match answer(&broker, asker, Dialect::CloudShell, checked).await {
+    match answer(&broker, &asker, Dialect::CloudShell, checked).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::CloudShell),
     }

@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::{
-    Asker, Dialect, RequestError, TokenQuery, answer, check_api_version, check_not_proxied, parse_query,
+    Asker, Dialect, RequestError, TokenQuery, answer, answer_now, check_api_version, check_not_proxied, parse_query,
     require_metadata,
 };
 use crate::broker::Broker;
@@ -22,25 +22,37 @@ pub(crate) const MIN_API_VERSION: &str = "2018-02-01";
 /// The handler. A request without `Metadata: true` (DefaultAzureCredential's probe) gets IMDS's 400 at
 /// once; so does one that a proxy forwarded (IMDS's SSRF rule).
 pub(crate) async fn token(State(broker): State<Arc<Broker>>, asker: Asker, req: Request) -> Response {
-    match handle(&broker, asker, req.headers(), req.uri().query()).await {
+    let checked = match checks(req.headers(), req.uri().query()) {
+        Ok(checked) => checked,
+        Err(probe) => return probe.into_response(Dialect::Imds),
+    };
+    match answer(&broker, &asker, Dialect::Imds, checked).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::Imds),
     }
 }
 
-async fn handle(
-    broker: &Broker,
-    asker: Asker,
+/// The handler's answer if it needs no waiting (see [`answer_now`]); `None` if it must wait.
+pub(crate) fn token_now(broker: &Broker, asker: &Asker, headers: &HeaderMap, query: Option<&str>) -> Option<Response> {
+    let checked = match checks(headers, query) {
+        Ok(checked) => checked,
+        Err(probe) => return Some(probe.into_response(Dialect::Imds)),
+    };
+    Some(answer_now(broker, asker, Dialect::Imds, &checked)?.unwrap_or_else(|e| e.into_response(Dialect::Imds)))
+}
+
+/// `Err`: the availability probe's 400, not audited (DefaultAzureCredential sends it every time it
+/// starts). `Ok`: the query, or why the request fails IMDS's other checks (audited).
+fn checks<'q>(
     headers: &HeaderMap,
-    query: Option<&str>,
-) -> Result<Response, RequestError> {
-    // Not audited: DefaultAzureCredential sends this probe every time it starts.
+    query: Option<&'q str>,
+) -> Result<Result<TokenQuery<'q>, RequestError>, RequestError> {
     require_metadata(headers).inspect_err(|_| {
         tracing::debug!(
             "IMDS request without `Metadata: true` answered 400 (an availability probe, or a misconfigured client)"
         );
     })?;
-    answer(broker, asker, Dialect::Imds, check(headers, query)).await
+    Ok(check(headers, query))
 }
 
 /// The rest of IMDS's checks: no proxy headers, a valid query and api-version.

@@ -36,10 +36,11 @@ use crate::audit::Record;
 use crate::broker::Broker;
 use crate::caller::{Caller, Unknown};
 use crate::clock::unix_secs;
+use crate::identity::Identity;
 use crate::process::ProcessLookup;
 use crate::resource::Resource;
 use crate::snapshot::Snapshot;
-use crate::token::{AccessToken, Served, TokenError};
+use crate::token::{AccessToken, HeldToken, Served, TokenError};
 
 /// `Metadata` (IMDS and Cloud Shell require `true`).
 const METADATA: header::HeaderName = header::HeaderName::from_static("metadata");
@@ -231,21 +232,71 @@ impl<S: Send + Sync> FromRequestParts<S> for Asker {
     }
 }
 
-/// Resolves the identity and resource of a checked query (or passes on why the request failed its
-/// dialect's checks) and answers with a token or an error; either way one audit line.
+/// Answers a checked query (or passes on why the request failed its dialect's checks) with a token or
+/// an error; either way one audit line. A cached token is answered without waiting ([`answer_now`]);
+/// only a cache miss, or the first request of a connection whose process the audit log looks up, waits.
 pub(crate) async fn answer(
     broker: &Broker,
-    asker: Asker,
+    asker: &Asker,
+    dialect: Dialect,
+    checked: Result<TokenQuery<'_>, RequestError>,
+) -> Result<Response, RequestError> {
+    let result = match answer_now(broker, asker, dialect, &checked) {
+        Some(now) => now,
+        // Boxed: the waiting path's state stays out of every request's future.
+        None => Box::pin(answer_waiting(broker, asker, dialect, checked)).await,
+    };
+    result.map(|mut resp| {
+        resp.extensions_mut().insert(dialect);
+        resp
+    })
+}
+
+/// The answer to a checked query if it needs no waiting: a cached token, or an error. `None` when it
+/// must wait (a cache miss, or the first request of a connection whose process the audit log looks up),
+/// and then nothing has been done: no audit line, no metric, no rate-limit budget taken.
+///
+/// This is the whole of a cached token's answer: the server calls it for each token GET before routing
+/// (`server::Application::answer_now`), borrowing the connection's [`Asker`], so that a cached token costs
+/// no clone of anything shared, no future and no allocation but the answer's.
+pub(crate) fn answer_now(
+    broker: &Broker,
+    asker: &Asker,
+    dialect: Dialect,
+    checked: &Result<TokenQuery<'_>, RequestError>,
+) -> Option<Result<Response, RequestError>> {
+    let audit = broker.audit();
+    if audit.is_some() && asker.process.as_ref().is_some_and(|p| !p.claimed()) {
+        return None;
+    }
+    let started = audit.map(|_| std::time::Instant::now());
+    let snapshot = broker.snapshot();
+    let mut seen = Seen::default();
+    let result = match checked {
+        Ok(q) => decide_now(broker, &snapshot, &asker.caller, dialect, q, &mut seen)?,
+        Err(e) => Err(e.clone()),
+    };
+    if let (Some(log), Some(started)) = (audit, started) {
+        let resource = checked.as_ref().ok().and_then(|q| q.resource.as_deref());
+        log.record(&asker.caller, asker.process.clone(), &audit_record(dialect, resource, &seen, &result, started));
+    }
+    Some(result)
+}
+
+/// The rest of [`answer`]: the caller's process looked up (once per connection, on a blocking thread,
+/// alongside the decision: the first answer on a connection waits for it, at most [`PROCESS_WAIT`],
+/// because a client that has its answer may close and exit at once, and then there is nothing left to
+/// look up) and the token waited for.
+async fn answer_waiting(
+    broker: &Broker,
+    asker: &Asker,
     dialect: Dialect,
     checked: Result<TokenQuery<'_>, RequestError>,
 ) -> Result<Response, RequestError> {
     let Asker { caller, process } = asker;
     let audit = broker.audit();
-    let process = process.filter(|_| audit.is_some());
-    // The process is looked up once per connection, on a blocking thread, alongside the decision; the
-    // first answer on a connection waits for it (at most PROCESS_WAIT), because a client that has its
-    // answer may close and exit at once, and then there is nothing left to look up.
-    let lookup = process.as_ref().filter(|p| p.claim()).map(|p| {
+    let process = process.as_ref().filter(|_| audit.is_some());
+    let lookup = process.filter(|p| p.claim()).map(|p| {
         let p = p.clone();
         tokio::task::spawn_blocking(move || p.resolve().map(|_| ()))
     });
@@ -253,7 +304,7 @@ pub(crate) async fn answer(
     let snapshot = broker.snapshot();
     let mut seen = Seen::default();
     let (result, raw_resource) = match &checked {
-        Ok(q) => (decide(broker, &snapshot, &caller, dialect, q, &mut seen).await, q.resource.as_deref()),
+        Ok(q) => (decide(broker, &snapshot, caller, dialect, q, &mut seen).await, q.resource.as_deref()),
         Err(e) => (Err(e.clone()), None),
     };
     if let Some(lookup) = lookup
@@ -262,32 +313,39 @@ pub(crate) async fn answer(
         tracing::debug!(%caller, "the caller's process lookup is slow; answering without waiting for it");
     }
     if let (Some(log), Some(started)) = (audit, started) {
-        let (decision, status, reason) = match &result {
-            Ok(_) => ("issued", 200, None),
-            Err(e) if matches!(e.status, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED) => {
-                ("denied", e.status.as_u16(), Some(e.description.as_str()))
-            }
-            Err(e) if seen.rate_limited => ("rate_limited", e.status.as_u16(), Some(e.description.as_str())),
-            Err(e) => ("error", e.status.as_u16(), Some(e.description.as_str())),
-        };
-        let record = Record {
-            dialect: dialect.name(),
-            identity: seen.identity,
-            resource: raw_resource,
-            decision,
-            rule: seen.rule,
-            cache: seen.cache_hit.map(|hit| if hit { "hit" } else { "fetch" }),
-            status,
-            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-            token: seen.token.as_deref().map(AccessToken::fingerprint),
-            reason,
-        };
-        log.record(&caller, process, &record);
+        log.record(caller, process.cloned(), &audit_record(dialect, raw_resource, &seen, &result, started));
     }
-    result.map(|mut resp| {
-        resp.extensions_mut().insert(dialect);
-        resp
-    })
+    result
+}
+
+/// The audit line of an answer.
+fn audit_record<'r>(
+    dialect: Dialect,
+    resource: Option<&'r str>,
+    seen: &'r Seen<'_>,
+    result: &'r Result<Response, RequestError>,
+    started: std::time::Instant,
+) -> Record<'r> {
+    let (decision, status, reason) = match result {
+        Ok(_) => ("issued", 200, None),
+        Err(e) if matches!(e.status, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED) => {
+            ("denied", e.status.as_u16(), Some(e.description.as_str()))
+        }
+        Err(e) if seen.rate_limited => ("rate_limited", e.status.as_u16(), Some(e.description.as_str())),
+        Err(e) => ("error", e.status.as_u16(), Some(e.description.as_str())),
+    };
+    Record {
+        dialect: dialect.name(),
+        identity: seen.identity,
+        resource,
+        decision,
+        rule: seen.rule,
+        cache: seen.cache_hit.map(|hit| if hit { "hit" } else { "fetch" }),
+        status,
+        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        token: seen.token.as_deref().map(AccessToken::fingerprint),
+        reason,
+    }
 }
 
 /// What `decide` got to, for the audit line (borrowed: nothing is copied on the request path).
@@ -297,9 +355,31 @@ struct Seen<'s> {
     rule: Option<usize>,
     rate_limited: bool,
     cache_hit: Option<bool>,
-    token: Option<Arc<AccessToken>>,
+    token: Option<HeldToken>,
 }
 
+/// [`decide`] for a cached token: `None`, having done nothing, when the token is not cached.
+fn decide_now<'s>(
+    broker: &Broker,
+    snapshot: &'s Snapshot,
+    caller: &Caller,
+    dialect: Dialect,
+    q: &TokenQuery<'_>,
+    seen: &mut Seen<'s>,
+) -> Option<Result<Response, RequestError>> {
+    let (identity, resource) = match prepare(snapshot, caller, dialect, q, seen) {
+        Ok(found) => found,
+        Err(e) => return Some(Err(e)),
+    };
+    let served = broker.cache().hit(snapshot, identity, &resource)?;
+    Some(
+        allow(broker, snapshot, caller, identity, &resource, dialect, seen)
+            .map(|()| serve(served, caller, identity, q, &resource, dialect, seen)),
+    )
+}
+
+/// Resolves the identity and resource of a checked query and answers with a token (waiting for one
+/// when none is cached) or an error.
 async fn decide<'s>(
     broker: &Broker,
     snapshot: &'s Snapshot,
@@ -308,6 +388,27 @@ async fn decide<'s>(
     q: &TokenQuery<'_>,
     seen: &mut Seen<'s>,
 ) -> Result<Response, RequestError> {
+    let (identity, resource) = prepare(snapshot, caller, dialect, q, seen)?;
+    allow(broker, snapshot, caller, identity, &resource, dialect, seen)?;
+    let served = broker.cache().get(snapshot, caller, identity, &resource).await.map_err(|e| {
+        tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
+        if matches!(e, TokenError::TooManyResources { .. } | TokenError::AddingTooFast { .. }) {
+            crate::metrics::get().on_demand_refused();
+        }
+        RequestError::from(e)
+    })?;
+    Ok(serve(served, caller, identity, q, &resource, dialect, seen))
+}
+
+/// The resource and identity a query names, if the access policy lets the caller have them. Changes
+/// nothing but a denial's log line and metric.
+fn prepare<'s>(
+    snapshot: &'s Snapshot,
+    caller: &Caller,
+    dialect: Dialect,
+    q: &TokenQuery<'_>,
+    seen: &mut Seen<'s>,
+) -> Result<(&'s Identity, Resource), RequestError> {
     let raw_resource =
         q.resource.as_deref().ok_or_else(|| RequestError::bad_request("query parameter resource is required"))?;
     let resource = Resource::parse(raw_resource)
@@ -328,36 +429,56 @@ async fn decide<'s>(
                 retry_after: None,
             }
         })?;
+    }
+    Ok((identity, resource))
+}
+
+/// The caller's rate limit, once the request is going to be served (this takes from its budget).
+fn allow(
+    broker: &Broker,
+    snapshot: &Snapshot,
+    caller: &Caller,
+    identity: &Identity,
+    resource: &Resource,
+    dialect: Dialect,
+    seen: &mut Seen<'_>,
+) -> Result<(), RequestError> {
+    if snapshot.access.is_some() {
         tracing::debug!(%caller, identity = %identity.name, %resource, rule = ?seen.rule, "allowed by access policy");
     }
-    if let Err((rate, wait)) = broker.check_rate(caller) {
-        tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, "token request rate-limited");
-        seen.rate_limited = true;
-        crate::metrics::get().rate_limited();
-        let secs = whole_seconds(wait);
-        return Err(RequestError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            code: "too_many_requests",
-            description: format!("{caller} exceeds access.rate_limit ({rate}); retry in {secs}s"),
-            retry_after: Some(secs),
-        });
-    }
-    let Served { token, cache_hit } = broker.cache().get(snapshot, caller, identity, &resource).await.map_err(|e| {
-        tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
-        if matches!(e, TokenError::TooManyResources { .. } | TokenError::AddingTooFast { .. }) {
-            crate::metrics::get().on_demand_refused();
-        }
-        RequestError::from(e)
-    })?;
+    let Err((rate, wait)) = broker.check_rate(caller) else { return Ok(()) };
+    tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, "token request rate-limited");
+    seen.rate_limited = true;
+    crate::metrics::get().rate_limited();
+    let secs = whole_seconds(wait);
+    Err(RequestError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        code: "too_many_requests",
+        description: format!("{caller} exceeds access.rate_limit ({rate}); retry in {secs}s"),
+        retry_after: Some(secs),
+    })
+}
+
+/// The token answer.
+fn serve(
+    Served { token, cache_hit }: Served,
+    caller: &Caller,
+    identity: &Identity,
+    q: &TokenQuery<'_>,
+    resource: &Resource,
+    dialect: Dialect,
+    seen: &mut Seen<'_>,
+) -> Response {
     tracing::debug!(%caller, identity = %identity.name, %resource, ?dialect, cache_hit, token = token.fingerprint(), "token served");
     seen.cache_hit = Some(cache_hit);
     crate::metrics::get().served(cache_hit);
+    let raw_resource = q.resource.as_deref().unwrap_or(resource.as_str());
     let body = token_body(&token, &identity.client_id, raw_resource, unix_secs(SystemTime::now()));
     seen.token = Some(token);
     let mut resp = Response::new(Body::from(body));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(resp)
+    resp
 }
 
 /// The success body: the superset every SDK accepts, every number a string of digits, in the field

@@ -243,7 +243,7 @@ impl Default for Limits {
 
 /// Serves `app` on every listener until `shutdown` is cancelled, then lets in-flight requests finish
 /// for at most `limits.drain`, and removes the unix socket.
-pub(crate) async fn serve<A: App>(
+pub(crate) async fn serve<A: Application>(
     listeners: Vec<Listener>,
     app: A,
     shutdown: CancellationToken,
@@ -285,7 +285,7 @@ pub(crate) async fn serve<A: App>(
     result
 }
 
-async fn accept_loop<A: App>(
+async fn accept_loop<A: Application>(
     listener: Listener,
     app: A,
     stop: CancellationToken,
@@ -381,19 +381,43 @@ struct Connection<A> {
     progress: Arc<Progress>,
 }
 
-impl<A: App> hyper::service::Service<hyper::Request<Incoming>> for Connection<A> {
+impl<A: Application> hyper::service::Service<hyper::Request<Incoming>> for Connection<A> {
     type Response = Response;
     type Error = Infallible;
-    type Future = Counted<tower::util::Oneshot<A, Request>>;
+    type Future = Counted<Answer<tower::util::Oneshot<A, Request>>>;
 
     fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
-        let mut req = req.map(axum::body::Body::new);
-        req.extensions_mut().insert(self.asker.clone());
         self.progress.heads.fetch_add(1, Ordering::Relaxed);
         self.progress.in_flight.fetch_add(1, Ordering::Relaxed);
-        Counted {
-            inner: tower::ServiceExt::oneshot(self.app.clone(), req),
-            _in_flight: InFlight(self.progress.clone()),
+        let _in_flight = InFlight(self.progress.clone());
+        if let Some(answer) = self.app.answer_now(&req, &self.asker) {
+            return Counted { inner: Answer::Now { answer: Some(answer) }, _in_flight };
+        }
+        let mut req = req.map(axum::body::Body::new);
+        req.extensions_mut().insert(self.asker.clone());
+        Counted { inner: Answer::Routed { inner: tower::ServiceExt::oneshot(self.app.clone(), req) }, _in_flight }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's answer: given at once ([`Application::answer_now`]), or the application's future.
+    #[project = AnswerProj]
+    pub(crate) enum Answer<F> {
+        Now { answer: Option<Response> },
+        Routed { #[pin] inner: F },
+    }
+}
+
+impl<F: std::future::Future<Output = Result<Response, Infallible>>> std::future::Future for Answer<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            // Taken on the first poll; a future is not polled again once it has answered.
+            AnswerProj::Now { answer } => {
+                answer.take().map_or(std::task::Poll::Pending, |a| std::task::Poll::Ready(Ok(a)))
+            }
+            AnswerProj::Routed { inner } => inner.poll(cx),
         }
     }
 }
@@ -425,14 +449,19 @@ impl<F: std::future::Future> std::future::Future for Counted<F> {
 }
 
 /// What [`serve`] serves: the application ([`super::App`]) or, in tests, any router.
-pub(crate) trait App:
+pub(crate) trait Application:
     tower::Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send + 'static
 {
+    /// The answer to `req` if the application can give it at once, without routing (a cached token),
+    /// borrowing itself and the connection's asker: nothing shared is cloned, no future is made.
+    fn answer_now<B>(&self, req: &hyper::Request<B>, asker: &Asker) -> Option<Response>;
 }
 
-impl<S> App for S where
-    S: tower::Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send + 'static
-{
+#[cfg(test)]
+impl Application for axum::Router {
+    fn answer_now<B>(&self, _: &hyper::Request<B>, _: &Asker) -> Option<Response> {
+        None
+    }
 }
 
 /// Open connections per caller; a [`Slot`] gives its place back when the connection ends.

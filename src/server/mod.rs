@@ -14,17 +14,17 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{self as http, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::broker::Broker;
-use crate::dialect::{Dialect, RequestError, app_service, cloud_shell, imds};
+use crate::dialect::{Asker, Dialect, RequestError, app_service, cloud_shell, imds};
 use crate::metrics::Route;
 
 mod listen;
 
-pub(crate) use listen::{Inherited, Limits, Listener, bind, check_unix_path, serve};
+pub(crate) use listen::{Application, Inherited, Limits, Listener, bind, check_unix_path, serve};
 
 /// Longest any request may take; callers are answered within `tokens.max_wait` well before this.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
@@ -83,8 +83,8 @@ pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> App {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(broker);
-    Guarded { inner: routes, hosts: Arc::new(hosts) }
+        .with_state(broker.clone());
+    Guarded { inner: routes, hosts: Arc::new(hosts), broker }
 }
 
 /// The guards around the routes, in one service: the size guard, then the Host guard, a bounded request
@@ -99,6 +99,33 @@ pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> App {
 pub(crate) struct Guarded<S> {
     inner: S,
     hosts: Arc<HostPolicy>,
+    broker: Arc<Broker>,
+}
+
+impl Application for App {
+    /// A token GET whose token is cached, answered before routing: the guards, the dialect's checks,
+    /// the cache hit and the metrics, borrowing the application and the connection's asker (see
+    /// `dialect::answer_now`). Anything else (a guard's refusal included) is routed as usual.
+    fn answer_now<B>(&self, req: &http::Request<B>, asker: &Asker) -> Option<Response> {
+        if req.method() != http::Method::GET {
+            return None;
+        }
+        let route = match req.uri().path() {
+            imds::PATH | imds::PATH_SLASH => Route::Imds,
+            app_service::PATH | app_service::PATH_SLASH | app_service::PATH_DOUBLE_SLASH => Route::Msi,
+            _ => return None,
+        };
+        if size_guard(req).is_some() || host_guard(&self.hosts, req, route).is_some() {
+            return None;
+        }
+        let (headers, query) = (req.headers(), req.uri().query());
+        let (dialect, answer) = match route {
+            Route::Imds => (Dialect::Imds, imds::token_now(&self.broker, asker, headers, query)?),
+            _ => app_service::token_now(&self.broker, asker, headers, query)?,
+        };
+        crate::metrics::get().request(route, dialect.metric_index(), answer.status().as_u16());
+        Some(answer)
+    }
 }
 
 impl<S> tower::Service<Request> for Guarded<S>
@@ -189,7 +216,7 @@ fn timed_out(dialect: Dialect) -> Response {
 }
 
 /// A `Host` that is not this machine (DNS rebinding); the health routes are exempt (probes send any).
-fn host_guard(hosts: &HostPolicy, req: &Request, route: Route) -> Option<RequestError> {
+fn host_guard<B>(hosts: &HostPolicy, req: &http::Request<B>, route: Route) -> Option<RequestError> {
     let host = req.headers().get(header::HOST).filter(|_| route != Route::Health)?;
     if host.to_str().is_ok_and(|h| hosts.allows(h)) {
         return None;
@@ -207,7 +234,7 @@ pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Oversized request targets and headers get a 414/431 in the dialect's shape (hyper closes the
 /// connection with a bare 431 only beyond `Limits::max_head_bytes`).
-fn size_guard(req: &Request) -> Option<RequestError> {
+fn size_guard<B>(req: &http::Request<B>) -> Option<RequestError> {
     let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
     let header_len: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
     let (status, description) = if uri_len > MAX_URI_BYTES {
@@ -321,6 +348,85 @@ mod tests {
 
     fn request(uri: &str) -> axum::http::request::Builder {
         axum::http::Request::get(uri).header(header::HOST, "127.0.0.1:50342")
+    }
+
+    /// What the server answers before routing (`Application::answer_now`) is what the routes answer,
+    /// byte for byte but for the per-answer parts (App Service's correlation id, the seconds left); a
+    /// cache miss, a guard's refusal and anything but a token GET are left to the routes, untouched.
+    #[tokio::test]
+    async fn answered_at_once_exactly_as_routed() {
+        let (app, _dir) = app();
+        let asker = Asker::new(crate::caller::Caller::Unknown(crate::caller::Unknown::LookupFailed), None);
+        let imds = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=";
+        let msi = "/msi/token?api-version=2019-08-01&resource=";
+        let build = |uri: &str, headers: &[(&str, &str)]| {
+            let mut b = request(uri);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(Body::empty()).expect("req")
+        };
+        let comparable = |mut body: serde_json::Value| {
+            if let Some(o) = body.as_object_mut() {
+                for per_answer in ["correlationId", "expires_in", "ext_expires_in"] {
+                    o.remove(per_answer);
+                }
+            }
+            body
+        };
+        // Not cached yet: left to the routes, which fetch it; then it is answered at once.
+        let cold = format!("{imds}https://vault.azure.net");
+        assert!(app.answer_now(&build(&cold, &[("Metadata", "true")]), &asker).is_none(), "a miss waits");
+        assert_eq!(call(&app, build(&cold, &[("Metadata", "true")])).await.0, StatusCode::OK);
+        assert!(app.answer_now(&build(&cold, &[("Metadata", "true")]), &asker).is_some(), "then cached");
+        let storage = "https://storage.azure.com";
+        let at_once: Vec<(String, Vec<(&str, &str)>)> = vec![
+            (format!("{imds}{storage}"), vec![("Metadata", "true")]),
+            (format!("{imds}{storage}"), vec![]),
+            (format!("{imds}{storage}"), vec![("Metadata", "true"), ("X-Forwarded-For", "10.0.0.1")]),
+            (
+                format!("/metadata/identity/oauth2/token?api-version=2017-01-01&resource={storage}"),
+                vec![("Metadata", "true")],
+            ),
+            (format!("{imds}{storage}&client_id=nobody"), vec![("Metadata", "true")]),
+            ("/metadata/identity/oauth2/token?api-version=2018-02-01".to_owned(), vec![("Metadata", "true")]),
+            (format!("{imds}not%20a%20url"), vec![("Metadata", "true")]),
+            (format!("{msi}{storage}"), vec![("X-IDENTITY-HEADER", "header-secret")]),
+            (format!("{msi}{storage}"), vec![("X-IDENTITY-HEADER", "nope")]),
+            (format!("{msi}{storage}"), vec![]),
+            (
+                format!("/msi/token?api-version=2017-09-01&resource={storage}&clientid=cid"),
+                vec![("secret", "header-secret")],
+            ),
+            (format!("/msi/token/?api-version=2017-09-01&resource={storage}"), vec![("secret", "nope")]),
+        ];
+        // The routes' first answer for storage fetches it; answer_now must then match them all.
+        assert_eq!(call(&app, build(&at_once[0].0, &at_once[0].1)).await.0, StatusCode::OK);
+        for (uri, headers) in &at_once {
+            let now = app.answer_now(&build(uri, headers), &asker).unwrap_or_else(|| panic!("{uri} answered at once"));
+            let (parts, body) = now.into_parts();
+            let exact = axum::body::HttpBody::size_hint(&body).exact();
+            let bytes = body.collect().await.expect("body").to_bytes();
+            let now_body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            let (status, mut routed_headers, routed_body) = call(&app, build(uri, headers)).await;
+            // axum sets Content-Length itself; hyper does on the wire, from the body's exact size.
+            let length = routed_headers.remove(header::CONTENT_LENGTH);
+            assert_eq!(exact.map(|n| n.to_string()), length.map(|v| v.to_str().unwrap_or_default().to_owned()));
+            assert_eq!((parts.status, &parts.headers), (status, &routed_headers), "{uri} {headers:?}");
+            assert_eq!(comparable(now_body), comparable(routed_body), "{uri} {headers:?}");
+        }
+        let routed_only = [
+            axum::http::Request::get(format!("{imds}{storage}"))
+                .header(header::HOST, "evil.example")
+                .header("Metadata", "true"),
+            axum::http::Request::post("/msi/token").header(header::HOST, "localhost").header("Metadata", "true"),
+            request("/healthz"),
+            request("/nope"),
+        ];
+        for b in routed_only {
+            let req = b.body(Body::empty()).expect("req");
+            assert!(app.answer_now(&req, &asker).is_none(), "{} {} is routed", req.method(), req.uri());
+        }
     }
 
     #[tokio::test]
@@ -485,7 +591,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_that_outlives_the_timer_gets_a_503_in_its_dialect() {
         let never = Router::new().fallback(std::future::pending::<Response>);
-        let guarded = Guarded { inner: never, hosts: Arc::new(HostPolicy::default()) };
+        let (app, _dir) = app();
+        let guarded = Guarded { inner: never, hosts: Arc::new(HostPolicy::default()), broker: app.broker };
         let started = tokio::time::Instant::now();
         let (status, headers, body) =
             call(&guarded, request("/msi/token?resource=r").body(Body::empty()).expect("req")).await;

@@ -129,12 +129,49 @@ impl fmt::Debug for AccessToken {
 }
 
 /// A token handed to a caller.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Served {
     /// The token.
-    pub(crate) token: Arc<AccessToken>,
+    pub(crate) token: HeldToken,
     /// Whether it was cached when the caller asked (the caller did not wait).
     pub(crate) cache_hit: bool,
+}
+
+/// A served token, held for one request. A cache hit takes it without writing its reference count
+/// (an `arc_swap` guard): every core serves the same few tokens, and a count each of them writes would
+/// bounce between them on every request.
+pub(crate) struct HeldToken(arc_swap::Guard<Option<Arc<AccessToken>>>);
+
+impl HeldToken {
+    /// Holds what an `ArcSwapOption` had, if it had a token.
+    pub(crate) fn loaded(held: arc_swap::Guard<Option<Arc<AccessToken>>>) -> Option<Self> {
+        held.is_some().then_some(Self(held))
+    }
+
+    /// Holds a token taken elsewhere.
+    pub(crate) fn owned(token: Arc<AccessToken>) -> Self {
+        Self(arc_swap::Guard::from_inner(Some(token)))
+    }
+
+    /// The token, with a reference of its own.
+    #[cfg(test)]
+    pub(crate) fn into_arc(self) -> Arc<AccessToken> {
+        arc_swap::Guard::into_inner(self.0).expect("a HeldToken is made only from a token")
+    }
+}
+
+impl std::ops::Deref for HeldToken {
+    type Target = AccessToken;
+
+    fn deref(&self) -> &AccessToken {
+        self.0.as_deref().expect("a HeldToken is made only from a token")
+    }
+}
+
+impl fmt::Debug for HeldToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
 }
 
 /// Why a caller gets no token. The dialects map these to status codes.

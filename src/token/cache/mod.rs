@@ -26,13 +26,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{AccessToken, FailureClass, Served, TokenError, TokenSource};
+use super::{AccessToken, FailureClass, HeldToken, Served, TokenError, TokenSource};
 use crate::access::{Buckets, Rate};
 use crate::caller::Caller;
 use crate::identity::Identity;
@@ -109,6 +110,10 @@ impl Eq for Key {}
 #[derive(Debug)]
 struct Entry {
     slot: watch::Receiver<Slot>,
+    /// The token in `slot`, for the cache hit's path: read without a lock or a reference-count write
+    /// (a receiver's `borrow` takes a read lock, and every core would write that lock's word).
+    /// Written only by [`publish`] with the slot.
+    current: ArcSwapOption<AccessToken>,
     wake: Notify,
     /// Milliseconds since `created` at the last caller: an atomic, so the hot path takes no lock for it.
     last_used_ms: AtomicU64,
@@ -165,7 +170,11 @@ enum Refused {
 impl Entry {
     fn touch(&self, now: Instant) {
         let ms = u64::try_from(now.saturating_duration_since(self.created).as_millis()).unwrap_or(u64::MAX);
-        self.last_used_ms.store(ms, Ordering::Relaxed);
+        // At most once a second (idle timeouts are minutes): a word every core wrote on every request
+        // would bounce between them.
+        if ms >= self.last_used_ms.load(Ordering::Relaxed) + 1000 {
+            self.last_used_ms.store(ms, Ordering::Relaxed);
+        }
     }
 
     fn last_used(&self) -> Instant {
@@ -197,10 +206,55 @@ struct Rejection {
     failure: Arc<Failure>,
 }
 
+/// The entries: read without a lock (a request reads the map through an `arc_swap` guard); changed,
+/// rarely, by copying the map under a lock that writers take.
+#[derive(Default)]
+struct Entries {
+    map: ArcSwap<HashMap<Key, Arc<Entry>>>,
+    writer: Mutex<()>,
+}
+
+impl Entries {
+    /// The map as it is now.
+    fn read(&self) -> arc_swap::Guard<Arc<HashMap<Key, Arc<Entry>>>> {
+        self.map.load()
+    }
+
+    /// Exclusive right to change the map (other readers go on reading the current one).
+    fn write(&self) -> EntriesWriter<'_> {
+        EntriesWriter { entries: self, _lock: self.writer.lock() }
+    }
+}
+
+/// Held while changing the entries; see [`Entries::write`].
+struct EntriesWriter<'a> {
+    entries: &'a Entries,
+    _lock: MutexGuard<'a, ()>,
+}
+
+impl EntriesWriter<'_> {
+    fn get(&self, key: &dyn KeyView) -> Option<Arc<Entry>> {
+        self.entries.map.load().get(key).cloned()
+    }
+
+    fn insert(&mut self, key: Key, entry: Arc<Entry>) {
+        let mut map = HashMap::clone(&self.entries.map.load());
+        map.insert(key, entry);
+        self.entries.map.store(Arc::new(map));
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Arc<Entry>> {
+        let mut map = HashMap::clone(&self.entries.map.load());
+        let removed = map.remove(key)?;
+        self.entries.map.store(Arc::new(map));
+        Some(removed)
+    }
+}
+
 struct Inner {
     source: Arc<dyn TokenSource>,
     live: Arc<Live>,
-    entries: RwLock<HashMap<Key, Arc<Entry>>>,
+    entries: Entries,
     rejected: Mutex<HashMap<String, Rejection>>,
     counts: Mutex<Counts>,
     tracker: TaskTracker,
@@ -231,7 +285,7 @@ impl TokenCache {
         let inner = Inner {
             source,
             live,
-            entries: RwLock::new(HashMap::new()),
+            entries: Entries::default(),
             rejected: Mutex::new(HashMap::new()),
             counts: Mutex::new(Counts::default()),
             tracker,
@@ -321,6 +375,19 @@ impl TokenCache {
         self.inner.counts.lock().total
     }
 
+    /// The cached token for `resource` as `identity` if it has more than `min_lifetime` left: what
+    /// [`TokenCache::get`] answers without waiting. Nothing is locked and no shared word is written
+    /// (but, once a second, the entry's last use): every core serves the same few entries.
+    pub(crate) fn hit(&self, snapshot: &Snapshot, identity: &Identity, resource: &Resource) -> Option<Served> {
+        let entries = self.inner.entries.read();
+        let entry = entries.get(&(identity.name.as_str(), resource.as_str()) as &dyn KeyView)?;
+        // One clock read: the entry's last use and the expiry check.
+        let now = Instant::now();
+        entry.touch(now);
+        let token = HeldToken::loaded(entry.current.load())?;
+        (token.remaining(now) > snapshot.tokens.min_lifetime).then_some(Served { token, cache_hit: true })
+    }
+
     /// A token for `resource` as `identity` (selected from `snapshot`) with more than `min_lifetime`
     /// left, waiting at most `max_wait` when none is cached.
     pub(crate) async fn get(
@@ -330,8 +397,10 @@ impl TokenCache {
         identity: &Identity,
         resource: &Resource,
     ) -> Result<Served, TokenError> {
+        if let Some(served) = self.hit(snapshot, identity, resource) {
+            return Ok(served);
+        }
         let policy = snapshot.tokens;
-        // One clock read for a cache hit: the deadline, the entry's last use and the expiry check.
         let mut now = Instant::now();
         let deadline = now + policy.max_wait;
         let mut first_look = true;
@@ -364,7 +433,7 @@ impl TokenCache {
                 {
                     let slot = rx.borrow_and_update();
                     if let Some(t) = slot.token.as_ref().filter(|t| t.remaining(now) > policy.min_lifetime) {
-                        return Ok(Served { token: t.clone(), cache_hit: first_look });
+                        return Ok(Served { token: HeldToken::owned(t.clone()), cache_hit: first_look });
                     }
                     if let Some(f) = &slot.failure {
                         // While the backoff lasts, permanent failures are answered at once; transient ones
@@ -421,7 +490,7 @@ impl TokenCache {
         }
         let mut map = self.inner.entries.write();
         if let Some(e) = map.get(&view as &dyn KeyView) {
-            return Ok(e.clone());
+            return Ok(e);
         }
         // Checked under the entries lock: `apply` runs after the swap and then sees this entry.
         let snapshot = self.inner.live.load();
@@ -467,6 +536,7 @@ impl TokenCache {
         let (tx, rx) = watch::channel(Slot::default());
         let entry = Arc::new(Entry {
             slot: rx,
+            current: ArcSwapOption::empty(),
             wake: Notify::new(),
             last_used_ms: AtomicU64::new(0),
             created: Instant::now(),
@@ -484,7 +554,7 @@ impl TokenCache {
 }
 
 impl Inner {
-    /// Uncounts a removed entry; call with the entries' write lock held.
+    /// Uncounts a removed entry; call with the entries' writer held.
     fn forget(&self, entry: &Entry) {
         let Some(owner) = entry.owner else { return };
         let mut counts = self.counts.lock();
@@ -496,4 +566,14 @@ impl Inner {
             }
         }
     }
+}
+
+/// Publishes a fetched token in an entry: to callers waiting on its channel and to the cache hit's path.
+fn publish(entry: &Entry, tx: &watch::Sender<Slot>, token: AccessToken) {
+    let token = Arc::new(token);
+    entry.current.store(Some(token.clone()));
+    tx.send_modify(|s| {
+        s.token = Some(token);
+        s.failure = None;
+    });
 }

@@ -116,7 +116,7 @@ pub(super) async fn refresher(inner: Arc<Inner>, key: Key, entry: Arc<Entry>, tx
         drop(snapshot);
         if !exists || idle_at.is_some_and(|t| now >= t) {
             let mut map = inner.entries.write();
-            if map.get(&key).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+            if map.get(&key).is_some_and(|e| Arc::ptr_eq(&e, &entry)) {
                 map.remove(&key);
                 inner.forget(&entry);
             }
@@ -178,10 +178,7 @@ pub(super) async fn refresher(inner: Arc<Inner>, key: Key, entry: Arc<Entry>, tx
                         refresh_in_s = token.refresh_due().saturating_duration_since(Instant::now()).as_secs(),
                         "token fetched"
                     );
-                    tx.send_modify(|s| {
-                        s.token = Some(Arc::new(token));
-                        s.failure = None;
-                    });
+                    super::publish(&entry, &tx, token);
                     continue;
                 }
                 Some(Err(cause)) => {

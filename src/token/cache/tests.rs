@@ -96,7 +96,7 @@ impl Harness {
     async fn get(&self, resource: &Resource) -> Result<(Arc<AccessToken>, bool), TokenError> {
         let snap = self.live.load();
         let id = snap.identities.select(None).expect("default identity").clone();
-        self.cache.get(&snap, &user(1000), &id, resource).await.map(|s| (s.token, s.cache_hit))
+        self.cache.get(&snap, &user(1000), &id, resource).await.map(|s| (s.token.into_arc(), s.cache_hit))
     }
 }
 
