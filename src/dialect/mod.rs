@@ -531,8 +531,15 @@ fn push_digits(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[start..]);
 }
 
-/// Appends `s` as a JSON string.
+/// Appends `s` as a JSON string, as `serde_json` writes it.
 fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Nothing to escape (a client id, a resource URL: the usual case): copied as it is.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // A `&str` always serialises.
     let _ = serde_json::to_writer(&mut *out, s);
 }
@@ -646,7 +653,11 @@ mod tests {
                 requested_at,
             };
             let token = AccessToken::new(issued, tokio::time::Instant::now(), std::time::Duration::from_secs(1800));
-            for (client_id, resource) in [("cid", "https://storage.azure.com"), (strings[1], strings[1]), ("", "")] {
+            // Plain, escaped, non-ASCII without escapes (copied as it is), empty.
+            let plain = "é ☃ 😀 </script> \u{7f} api://x?y=z&w";
+            for (client_id, resource) in
+                [("cid", "https://storage.azure.com"), (strings[1], strings[1]), (plain, plain), ("", "")]
+            {
                 let now = 1_780_000_100;
                 let expected = serde_json::to_vec(&Reference {
                     access_token: secret,

@@ -45,7 +45,8 @@ impl HostPolicy {
     /// Whether a `Host` header value is acceptable.
     pub(crate) fn allows(&self, host: &str) -> bool {
         let name = strip_port(host);
-        if name.eq_ignore_ascii_case("localhost") || name.eq_ignore_ascii_case("localhost.") {
+        // What nearly every client sends, without parsing an address.
+        if name == "127.0.0.1" || name.eq_ignore_ascii_case("localhost") || name.eq_ignore_ascii_case("localhost.") {
             return true;
         }
         let ip = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>();
