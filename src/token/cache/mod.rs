@@ -233,6 +233,11 @@ struct EntriesWriter<'a> {
 }
 
 impl EntriesWriter<'_> {
+    /// The map as it is now (no one else can change it while this is held).
+    fn current(&self) -> arc_swap::Guard<Arc<HashMap<Key, Arc<Entry>>>> {
+        self.entries.map.load()
+    }
+
     fn get(&self, key: &dyn KeyView) -> Option<Arc<Entry>> {
         self.entries.map.load().get(key).cloned()
     }
@@ -307,8 +312,10 @@ impl TokenCache {
             matches!((before, after), (Some(b), Some(a)) if !b.same_upstream(a))
         };
         self.inner.rejected.lock().retain(|name, _| new.identities.by_name(name).is_some() && !changed(name));
+        // Under the writer: an entry being added now is either seen here or sees the new snapshot.
+        let mut map = self.inner.entries.write();
         let mut removed = Vec::new();
-        for (key, entry) in self.inner.entries.read().iter() {
+        for (key, entry) in map.current().iter() {
             if new.identities.by_name(&key.identity).is_none() {
                 entry.cancel.cancel();
                 removed.push(key.clone());
@@ -317,14 +324,12 @@ impl TokenCache {
                 entry.wake.notify_one();
             }
         }
-        if !removed.is_empty() {
-            let mut map = self.inner.entries.write();
-            for key in &removed {
-                if let Some(entry) = map.remove(key) {
-                    self.inner.forget(&entry);
-                }
+        for key in &removed {
+            if let Some(entry) = map.remove(key) {
+                self.inner.forget(&entry);
             }
         }
+        drop(map);
         for identity in new.identities.iter() {
             for resource in &identity.resources {
                 let _ = self.entry(&identity.name, resource, None);
