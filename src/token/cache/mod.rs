@@ -1,8 +1,9 @@
 //! The token cache: one entry and one refresher task per (identity, resource).
 //!
-//! - **Single flight.** Only an entry's refresher calls the IdP; callers read the entry's current
-//!   [`Slot`] through a `watch` channel and, on a miss, wait for the refresher's next publication.
-//! - **Serve while refreshing.** The refresher replaces the token in one `watch` publication; a caller
+//! - **Single flight.** Only an entry's refresher calls the IdP; a cache hit reads the entry's current
+//!   token ([`TokenCache::hit`]: no lock, no shared write); on a miss a caller reads the entry's
+//!   [`Slot`] through a `watch` channel and waits for the refresher's next publication.
+//! - **Serve while refreshing.** The refresher replaces the token in one publication; a caller
 //!   never waits on the IdP while a servable token (more than `min_lifetime` left) is cached.
 //! - **Bounded waits.** A caller waits at most `tokens.max_wait`; when the next attempt is further away
 //!   than that it gets [`TokenError::Unavailable`] at once, with the time of that attempt.
@@ -149,7 +150,7 @@ impl Owner {
 
 /// On-demand entries per owner and in all, and each owner's budget for adding new ones
 /// (`tokens.on_demand_rate`; replaced, full, when the rate changes); changed only under the entries'
-/// write lock.
+/// writers' lock.
 #[derive(Debug, Default)]
 struct Counts {
     per_owner: HashMap<Owner, usize>,
@@ -172,7 +173,7 @@ impl Entry {
         let ms = u64::try_from(now.saturating_duration_since(self.created).as_millis()).unwrap_or(u64::MAX);
         // At most once a second (idle timeouts are minutes): a word every core wrote on every request
         // would bounce between them.
-        if ms >= self.last_used_ms.load(Ordering::Relaxed) + 1000 {
+        if ms >= self.last_used_ms.load(Ordering::Relaxed).saturating_add(1000) {
             self.last_used_ms.store(ms, Ordering::Relaxed);
         }
     }
