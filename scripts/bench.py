@@ -4,7 +4,11 @@
 Run through scripts/bench.sh, which builds the release binaries and the test IdP first. Measures, in
 alternating rounds so that both servers see the same machine noise:
   - throughput and p50/p99 with keep-alive connections (SDK clients) and with a new connection per
-    request (curl from scripts; tokend's per-connection caller lookup included), tokend vs baseline;
+    request (curl from scripts; tokend's per-connection caller lookup included), tokend vs baseline,
+    both as tokend is started bare and as deployed (`[access]` with a rate limit, and `[audit]`: every
+    line checked to be written);
+  - a flood: one unprivileged user with 3000 idle processes and no rights floods tokend with new
+    connections while another user's latency is measured, against the same user's without the flood;
   - p99 while many short-lived tokens are being refreshed vs steady state;
   - upstream calls for 500 concurrent cold callers of one resource;
   - RSS idle and after ~1M requests spread over 100 resources;
@@ -139,8 +143,10 @@ class Tokend:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def wrk(url, connections=16, seconds=SECONDS, close=False, script=None):
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", "Metadata: true"]
+def wrk(url, connections=16, seconds=SECONDS, close=False, script=None, threads=1, user=None, errors_ok=False):
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", "Metadata: true"]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"] + cmd
     if close:
         cmd += ["-H", "Connection: close"]
     if script:
@@ -155,9 +161,127 @@ def wrk(url, connections=16, seconds=SECONDS, close=False, script=None):
         return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
+    if errors and not errors_ok:
         sys.exit(f"wrk saw {errors.group(1)} non-2xx answers from {url}:\n{out}")
-    return {"rps": rps, "p50_ms": pct(50), "p99_ms": pct(99), "requests": total}
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    def ms(value, unit):
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    lat = re.search(r"Latency\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+    return {"rps": rps, "p50_ms": pct(50), "p90_ms": pct(90), "max_ms": ms(lat.group(5), lat.group(6)), "p99_ms": pct(99), "requests": total,
+            "non_2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1).strip() if socket_errors else ""}
+
+
+# The deployed configuration's extra sections (format with audit= and rate=).
+DEPLOYED = """
+[access]
+default = "deny"
+unknown = "deny"
+rate_limit = "{rate}"
+
+[[access.rule]]
+uids = [0]
+identities = ["*"]
+resources = ["*"]
+
+[audit]
+path = "{audit}"
+"""
+
+
+def audit_counts(path, served):
+    """The audit log's lines: issued lines against the 200s wrk counted (wrk counts completed answers,
+    tokend writes the line before answering, so issued >= served), and whether any carried process fields."""
+    issued = lines = with_process = 0
+    with open(path) as f:
+        for line in f:
+            lines += 1
+            rec = json.loads(line)
+            issued += rec.get("decision") == "issued"
+            with_process += "pid" in rec.get("caller", {})
+    return {"lines": lines, "issued": issued, "served_by_wrk": served, "with_process": with_process,
+            "every_line_written": issued >= served}
+
+
+VICTIM_LOOP = r"""
+import json, socket, sys, time
+port, path, seconds, pause = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\nConnection: close\r\n\r\n".encode()
+took, statuses, end = [], {}, time.time() + seconds
+while time.time() < end:
+    t = time.perf_counter()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(req)
+            head = s.recv(65536)
+            while s.recv(65536):
+                pass
+        status = head[9:12].decode()
+    except OSError as e:
+        status = type(e).__name__
+    took.append((time.perf_counter() - t) * 1000)
+    statuses[status] = statuses.get(status, 0) + 1
+    time.sleep(pause)
+print(json.dumps({"ms": took, "statuses": statuses}))
+"""
+
+
+def ensure_user(name):
+    import pwd
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+        return pwd.getpwnam(name).pw_uid
+
+
+def victim_latency(tokend, user, seconds):
+    """Another user's new-connection requests, paced under the rate limit: p50, p90, max in ms."""
+    out = subprocess.run([sys.executable, "-c", VICTIM_LOOP, str(tokend.port), Q, str(seconds), "0.06"],
+                         user=user, capture_output=True, text=True, check=True).stdout
+    got = json.loads(out)
+    ms = sorted(got["ms"])
+    return {"p50_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)], "max_ms": ms[-1], "requests": len(ms),
+            "statuses": got["statuses"]}
+
+
+def flood(idp):
+    """One unprivileged user with 3000 idle processes and no rights floods tokend with new connections
+    (wrk -t2 -c256, Connection: close) while another user, allowed, asks at its own pace; that user's
+    latency with and without the flood, tokend as deployed (rate limit 20/s, [audit])."""
+    attacker, victim = ensure_user("tokend-bench-flood"), ensure_user("tokend-bench-victim")
+    audit_dir = tempfile.mkdtemp(prefix="tokend-bench-flood-")
+    os.chmod(audit_dir, 0o755)
+    extra = DEPLOYED.format(audit=os.path.join(audit_dir, "audit.jsonl"), rate="20/s").replace(
+        "uids = [0]", f"uids = [0, {victim}]")
+    t = Tokend(idp, [RESOURCE], extra=extra)
+    t.wait_ready()
+    idle = [subprocess.Popen(["sleep", "3600"], user=attacker, stdout=subprocess.DEVNULL) for _ in range(3000)]
+    try:
+        seconds = max(SECONDS * 2, 8)
+        quiet = victim_latency(t, victim, seconds)
+        result = {}
+
+        def attack():
+            result["flood"] = wrk(t.url(Q), connections=256, seconds=seconds + 2, close=True, threads=2,
+                                  user=attacker, errors_ok=True)
+
+        attacking = threading.Thread(target=attack)
+        attacking.start()
+        time.sleep(1)
+        loud = victim_latency(t, victim, seconds)
+        attacking.join()
+        log_bytes = os.path.getsize(os.path.join(audit_dir, "audit.jsonl"))
+    finally:
+        for p in idle:
+            p.kill()
+        for p in idle:
+            p.wait()
+        t.stop()
+        shutil.rmtree(audit_dir, ignore_errors=True)
+    return {"quiet": quiet, "flooded": loud, "flood": result["flood"], "audit_bytes": log_bytes,
+            "p90_ratio": loud["p90_ms"] / quiet["p90_ms"]}
 
 
 def median(rows, key):
@@ -186,21 +310,36 @@ def main():
     wait_http(f"http://127.0.0.1:{base_port}/healthz", "the baseline")
     results["rss_idle_kib"] = tokend.rss_kib()
 
-    # Throughput and latency, alternating tokend and the baseline every round.
+    # As deployed: [access] (the bench runs as root: a rule for uid 0), a rate limit no load reaches, and
+    # [audit]. Every line is checked to be written.
+    audit_path = os.path.join(tempfile.mkdtemp(prefix="tokend-bench-audit-"), "audit.jsonl")
+    deployed = Tokend(idp, [RESOURCE], extra=DEPLOYED.format(audit=audit_path, rate="1000000/s"))
+    deployed.wait_ready()
+
+    # Throughput and latency, alternating tokend, deployed tokend and the baseline every round.
     for mode, close in [("keepalive", False), ("new_connection", True)]:
-        rows = {"tokend": [], "baseline": []}
+        rows = {"tokend": [], "deployed": [], "baseline": []}
         for i in range(ROUNDS):
-            order = [("tokend", tokend.url(Q)), ("baseline", f"http://127.0.0.1:{base_port}{Q}")]
-            for name, url in order if i % 2 == 0 else reversed(order):
+            order = [("tokend", tokend.url(Q)), ("deployed", deployed.url(Q)),
+                     ("baseline", f"http://127.0.0.1:{base_port}{Q}")]
+            order = order[i % 3:] + order[:i % 3]
+            for name, url in order:
                 rows[name].append(wrk(url, close=close))
-        t, b = rows["tokend"], rows["baseline"]
+        t, d, b = rows["tokend"], rows["deployed"], rows["baseline"]
         results[mode] = {
             "tokend": {k: median(t, k) for k in ["rps", "p50_ms", "p99_ms"]},
+            "deployed": {k: median(d, k) for k in ["rps", "p50_ms", "p99_ms"]},
             "baseline": {k: median(b, k) for k in ["rps", "p50_ms", "p99_ms"]},
             "throughput_ratio": statistics.median(x["rps"] / y["rps"] for x, y in zip(t, b)),
             "throughput_ratio_rounds": [round(x["rps"] / y["rps"], 3) for x, y in zip(t, b)],
             "p99_ratio": statistics.median(x["p99_ms"] / y["p99_ms"] for x, y in zip(t, b)),
+            "deployed_ratio": statistics.median(x["rps"] / y["rps"] for x, y in zip(d, b)),
+            "deployed_ratio_rounds": [round(x["rps"] / y["rps"], 3) for x, y in zip(d, b)],
+            "deployed_requests": sum(x["requests"] for x in d),
         }
+    deployed.stop()
+    results["audit"] = audit_counts(audit_path, results["keepalive"]["deployed_requests"]
+                                    + results["new_connection"]["deployed_requests"])
     baseline.kill()
 
     # p99 during refreshes: 50 configured resources with 12 s tokens (refreshed every few seconds) vs the
@@ -255,6 +394,8 @@ def main():
     results["rss_after_requests"] = {"requests": served, "resources": 100, "rss_kib": tokend.rss_kib()}
     tokend.stop()
 
+    results["flood"] = flood(idp)
+
     # Start-up to the first answer, no pre-warm (no configured resource).
     # The bare baseline measured the same way shows what process start and the measuring loop cost.
     startups, base_startups = [], []
@@ -278,6 +419,7 @@ def main():
     with open(os.path.join(ROOT, "target/bench/results.json"), "w") as f:
         json.dump(results, f, indent=2)
     k, n, r = results["keepalive"], results["new_connection"], results["refresh"]
+    a, f = results["audit"], results["flood"]
     rows = [
         ("keep-alive throughput, tokend / baseline", f"{k['throughput_ratio']:.2f}x",
          f"{k['tokend']['rps']:.0f} vs {k['baseline']['rps']:.0f} req/s; rounds "
@@ -288,6 +430,17 @@ def main():
          f"{n['tokend']['rps']:.0f} vs {n['baseline']['rps']:.0f} req/s", ">= 0.90x"),
         ("new-connection p99", f"{n['p99_ratio']:.2f}x",
          f"{n['tokend']['p99_ms']:.2f} vs {n['baseline']['p99_ms']:.2f} ms", "<= 1.2x"),
+        ("keep-alive, [access] + [audit] / baseline", f"{k['deployed_ratio']:.2f}x",
+         f"{k['deployed']['rps']:.0f} vs {k['baseline']['rps']:.0f} req/s; rounds "
+         f"{min(k['deployed_ratio_rounds']):.2f}-{max(k['deployed_ratio_rounds']):.2f}", ">= 0.90x"),
+        ("new connection, [access] + [audit] / baseline", f"{n['deployed_ratio']:.2f}x",
+         f"{n['deployed']['rps']:.0f} vs {n['baseline']['rps']:.0f} req/s; rounds "
+         f"{min(n['deployed_ratio_rounds']):.2f}-{max(n['deployed_ratio_rounds']):.2f}", ">= 0.85x"),
+        ("audit lines for tokens served (deployed)", "all" if a["every_line_written"] else "MISSING",
+         f"{a['issued']} issued lines, {a['served_by_wrk']} answers; {a['with_process']} with process", "all"),
+        ("another user's p90 under a flood / without", f"{f['p90_ratio']:.2f}x",
+         f"{f['flooded']['p90_ms']:.1f} vs {f['quiet']['p90_ms']:.1f} ms (max {f['flooded']['max_ms']:.0f} ms); "
+         f"flood {f['flood']['requests']} req", "report"),
         ("p99 during refreshes / steady", f"{r['p99_ratio']:.2f}x",
          f"{r['refreshing_p99_ms']:.2f} vs {r['steady_p99_ms']:.2f} ms ({r['refreshes_during_run']} refreshes)",
          "<= 1.2x"),

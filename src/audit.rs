@@ -24,6 +24,14 @@ use crate::process::ProcessLookup;
 /// Lines queued for the writer at most.
 const QUEUE: usize = 4096;
 
+/// STUB(coordinator): why a line was not audited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NotAudited {
+    /// The queue is full.
+    #[error("its queue is full")]
+    QueueFull,
+}
+
 /// An open audit log.
 #[derive(Debug)]
 pub(crate) struct AuditLog {
@@ -140,7 +148,12 @@ impl AuditLog {
 
     /// Queues the line for one decision; never blocks. With `process`, the writer adds the caller's
     /// pid, executable, unit and container (waiting for the lookup the request started).
-    pub(crate) fn record(&self, caller: &Caller, process: Option<Arc<ProcessLookup>>, record: &Record<'_>) {
+    pub(crate) fn record(
+        &self,
+        caller: &Caller,
+        process: Option<Arc<ProcessLookup>>,
+        record: &Record<'_>,
+    ) -> Result<(), NotAudited> {
         let line = Line {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             caller: caller.into(),
@@ -150,7 +163,7 @@ impl AuditLog {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "cannot serialise an audit line");
-                return;
+                return Err(NotAudited::QueueFull);
             }
         };
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
@@ -160,7 +173,14 @@ impl AuditLog {
             if n.is_power_of_two() || n.is_multiple_of(1000) {
                 tracing::warn!(path = %self.path.display(), dropped_total = n, "audit log lines dropped: the writer cannot keep up");
             }
+            return Err(NotAudited::QueueFull);
         }
+        Ok(())
+    }
+
+    /// STUB(coordinator): whether `audit.on_failure = "refuse"`.
+    pub(crate) fn refuses(&self) -> bool {
+        false
     }
 }
 
@@ -173,7 +193,12 @@ impl Users {
     /// caller's process.
     fn finish(&mut self, queued: Queued) -> String {
         let Queued { mut line, process } = queued;
-        if let (Some(p), Some(caller)) = (process.as_ref().and_then(|p| p.resolve()), line["caller"].as_object_mut()) {
+        if let (Some(p), Some(caller)) = (
+            process
+                .as_ref()
+                .and_then(|p| p.wait_until(std::time::Instant::now() + std::time::Duration::from_millis(250))),
+            line["caller"].as_object_mut(),
+        ) {
             caller.insert("pid".to_owned(), p.pid.into());
             for (key, value) in
                 [("exe", &p.exe), ("command", &p.command), ("unit", &p.unit), ("container", &p.container)]
@@ -229,12 +254,15 @@ mod tests {
             token: Some("sha256:0123456789ab"),
             reason: None,
         };
-        log.record(&caller, None, &record);
-        log.record(&Caller::Unknown(Unknown::Gone), None, &Record { decision: "denied", status: 403, ..record });
+        log.record(&caller, None, &record).expect("queued");
+        log.record(&Caller::Unknown(Unknown::Gone), None, &Record { decision: "denied", status: 403, ..record })
+            .expect("queued");
         let me = nix::unistd::geteuid().as_raw();
         let pid = i32::try_from(std::process::id()).expect("pid");
         let mine = Caller::Known { uid: me, gid: None, pid: None, transport: Transport::Tcp };
-        log.record(&mine, Some(Arc::new(ProcessLookup::new(me, Some(pid), None))), &record);
+        let lookup = Arc::new(ProcessLookup::new(me, Some(pid), None));
+        lookup.start();
+        log.record(&mine, Some(lookup), &record).expect("queued");
         drop(log);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let text = loop {

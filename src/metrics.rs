@@ -114,6 +114,8 @@ pub(crate) struct Metrics {
     token_servable: Family<TokenLabels, Gauge>,
     credential_expiry: Family<IdentityLabel, Gauge>,
     on_demand: Gauge,
+    process_lookups_skipped: Counter,
+    clients_gone: Counter,
     /// Serialises scrapes (they reset and refill the state gauges).
     scrape: Mutex<()>,
 }
@@ -210,6 +212,18 @@ impl Metrics {
             "On-demand resources cached now, all callers together",
             on_demand.clone(),
         );
+        let process_lookups_skipped = Counter::default();
+        registry.register(
+            "process_lookups_skipped",
+            "Callers' process lookups for the audit log not done because the lookup queue was full or the caller's or everyone's lookup budget was spent",
+            process_lookups_skipped.clone(),
+        );
+        let clients_gone = Counter::default();
+        registry.register(
+            "clients_gone",
+            "Token requests whose client went away before its answer (audited as client_gone)",
+            clients_gone.clone(),
+        );
         Self {
             registry,
             requests,
@@ -227,6 +241,8 @@ impl Metrics {
             token_servable,
             credential_expiry,
             on_demand,
+            process_lookups_skipped,
+            clients_gone,
             scrape: Mutex::new(()),
         }
     }
@@ -277,6 +293,16 @@ impl Metrics {
     /// A request refused by `access.rate_limit`.
     pub(crate) fn rate_limited(&self) {
         self.rate_limited.inc();
+    }
+
+    /// A caller's process lookup not done (queue full or budget spent).
+    pub(crate) fn process_lookup_skipped(&self) {
+        self.process_lookups_skipped.inc();
+    }
+
+    /// A token request whose client went away before its answer.
+    pub(crate) fn client_gone(&self) {
+        self.clients_gone.inc();
     }
 
     /// A new on-demand resource refused (caps or adding rate).

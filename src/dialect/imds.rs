@@ -8,7 +8,7 @@ use axum::response::Response;
 
 use super::{
     Asker, Dialect, RequestError, TokenQuery, answer, answer_now, check_api_version, check_not_proxied, parse_query,
-    require_metadata,
+    refuse_unaudited, require_metadata,
 };
 use crate::broker::Broker;
 
@@ -24,7 +24,7 @@ pub(crate) const MIN_API_VERSION: &str = "2018-02-01";
 pub(crate) async fn token(State(broker): State<Arc<Broker>>, asker: Asker, req: Request) -> Response {
     let checked = match checks(req.headers(), req.uri().query()) {
         Ok(checked) => checked,
-        Err(probe) => return probe.into_response(Dialect::Imds),
+        Err(probe) => return refuse_unaudited(&broker, &asker, Dialect::Imds, probe),
     };
     match answer(&broker, &asker, Dialect::Imds, checked).await {
         Ok(r) => r,
@@ -36,7 +36,7 @@ pub(crate) async fn token(State(broker): State<Arc<Broker>>, asker: Asker, req: 
 pub(crate) fn token_now(broker: &Broker, asker: &Asker, headers: &HeaderMap, query: Option<&str>) -> Option<Response> {
     let checked = match checks(headers, query) {
         Ok(checked) => checked,
-        Err(probe) => return Some(probe.into_response(Dialect::Imds)),
+        Err(probe) => return Some(refuse_unaudited(broker, asker, Dialect::Imds, probe)),
     };
     Some(answer_now(broker, asker, Dialect::Imds, &checked)?.unwrap_or_else(|e| e.into_response(Dialect::Imds)))
 }

@@ -12,35 +12,25 @@
 //! mapping from [`TokenError`] to a status code; they differ in the guard headers and in the error
 //! body's shape.
 
+mod answer;
 pub(crate) mod app_service;
 pub(crate) mod cloud_shell;
 pub(crate) mod imds;
 mod query;
+mod refusals;
 
+pub(crate) use answer::{Asker, answer, answer_now, refuse_unaudited};
 pub(crate) use query::{Params, TokenQuery, check_api_version, parse_params, parse_query};
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::SystemTime;
 
-use axum::body::{Body, Bytes};
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
+use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::audit::Record;
-use crate::broker::Broker;
-use crate::caller::{Caller, Unknown};
-use crate::clock::unix_secs;
-use crate::identity::Identity;
-use crate::process::ProcessLookup;
-use crate::resource::Resource;
-use crate::snapshot::Snapshot;
-use crate::token::{AccessToken, HeldToken, Served, TokenError};
+use crate::token::{AccessToken, TokenError};
 
 /// `Metadata` (IMDS and Cloud Shell require `true`).
 const METADATA: header::HeaderName = header::HeaderName::from_static("metadata");
@@ -71,9 +61,6 @@ fn check_not_proxied(headers: &HeaderMap) -> Result<(), RequestError> {
         None => Ok(()),
     }
 }
-
-/// How long the first answer on a connection waits for the caller's process lookup (audit log only).
-const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Which dialect answers: decides the error body's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +132,36 @@ impl RequestError {
         }
     }
 
+    /// A 403 `access_denied`.
+    pub(crate) fn forbidden(description: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            code: "access_denied",
+            description: description.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A 429 `too_many_requests`, to retry after `secs`.
+    pub(crate) fn too_many_requests(description: impl Into<String>, secs: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "too_many_requests",
+            description: description.into(),
+            retry_after: Some(secs),
+        }
+    }
+
+    /// A 503 `temporarily_unavailable`, to retry after `secs`.
+    pub(crate) fn unavailable(description: impl Into<String>, secs: u64) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "temporarily_unavailable",
+            description: description.into(),
+            retry_after: Some(secs),
+        }
+    }
+
     /// Renders the error in `dialect`'s shape.
     pub(crate) fn into_response(self, dialect: Dialect) -> Response {
         let body = match dialect {
@@ -205,280 +222,6 @@ impl From<TokenError> for RequestError {
 /// `Retry-After` seconds: an integer, rounded up, at least 1.
 fn whole_seconds(d: std::time::Duration) -> u64 {
     (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
-}
-
-/// Who is asking: the connection's [`Caller`] and, when the audit log wants it, the lookup of its
-/// process (both request extensions set by the accept loop).
-#[derive(Debug, Clone)]
-pub(crate) struct Asker {
-    caller: Caller,
-    process: Option<Arc<ProcessLookup>>,
-}
-
-impl Asker {
-    /// A connection's caller and, when the audit log wants it, the lookup of its process.
-    pub(crate) fn new(caller: Caller, process: Option<Arc<ProcessLookup>>) -> Self {
-        Self { caller, process }
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for Asker {
-    type Rejection = Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        // The accept loop sets it on every request; it is missing only in router unit tests: treat that
-        // as a failed lookup.
-        Ok(parts.extensions.get::<Self>().cloned().unwrap_or(Self::new(Caller::Unknown(Unknown::LookupFailed), None)))
-    }
-}
-
-/// Answers a checked query (or passes on why the request failed its dialect's checks) with a token or
-/// an error; either way one audit line. A cached token is answered without waiting ([`answer_now`]);
-/// only a cache miss, or the first request of a connection whose process the audit log looks up, waits.
-pub(crate) async fn answer(
-    broker: &Broker,
-    asker: &Asker,
-    dialect: Dialect,
-    checked: Result<TokenQuery<'_>, RequestError>,
-) -> Result<Response, RequestError> {
-    let result = match answer_now(broker, asker, dialect, &checked) {
-        Some(now) => now,
-        // Boxed: the waiting path's state stays out of every request's future.
-        None => Box::pin(answer_waiting(broker, asker, dialect, checked)).await,
-    };
-    result.map(|mut resp| {
-        resp.extensions_mut().insert(dialect);
-        resp
-    })
-}
-
-/// The answer to a checked query if it needs no waiting: a cached token, or an error. `None` when it
-/// must wait (a cache miss, or the first request of a connection whose process the audit log looks up),
-/// and then nothing has been done: no audit line, no metric, no rate-limit budget taken.
-///
-/// This is the whole of a cached token's answer: the server calls it for each token GET before routing
-/// (`server::Application::answer_now`), borrowing the connection's [`Asker`], so that a cached token costs
-/// no clone of anything shared, no future and no allocation but the answer's.
-pub(crate) fn answer_now(
-    broker: &Broker,
-    asker: &Asker,
-    dialect: Dialect,
-    checked: &Result<TokenQuery<'_>, RequestError>,
-) -> Option<Result<Response, RequestError>> {
-    let audit = broker.audit();
-    if audit.is_some() && asker.process.as_ref().is_some_and(|p| !p.claimed()) {
-        return None;
-    }
-    let started = audit.map(|_| std::time::Instant::now());
-    let snapshot = broker.snapshot();
-    let mut seen = Seen::default();
-    let result = match checked {
-        Ok(q) => decide_now(broker, &snapshot, &asker.caller, dialect, q, &mut seen)?,
-        Err(e) => Err(e.clone()),
-    };
-    if let (Some(log), Some(started)) = (audit, started) {
-        let resource = checked.as_ref().ok().and_then(|q| q.resource.as_deref());
-        log.record(&asker.caller, asker.process.clone(), &audit_record(dialect, resource, &seen, &result, started));
-    }
-    Some(result)
-}
-
-/// The rest of [`answer`]: the caller's process looked up (once per connection, on a blocking thread,
-/// alongside the decision: the first answer on a connection waits for it, at most [`PROCESS_WAIT`],
-/// because a client that has its answer may close and exit at once, and then there is nothing left to
-/// look up) and the token waited for.
-async fn answer_waiting(
-    broker: &Broker,
-    asker: &Asker,
-    dialect: Dialect,
-    checked: Result<TokenQuery<'_>, RequestError>,
-) -> Result<Response, RequestError> {
-    let Asker { caller, process } = asker;
-    let audit = broker.audit();
-    let process = process.as_ref().filter(|_| audit.is_some());
-    let lookup = process.filter(|p| p.claim()).map(|p| {
-        let p = p.clone();
-        tokio::task::spawn_blocking(move || p.resolve().map(|_| ()))
-    });
-    let started = audit.map(|_| std::time::Instant::now());
-    let snapshot = broker.snapshot();
-    let mut seen = Seen::default();
-    let (result, raw_resource) = match &checked {
-        Ok(q) => (decide(broker, &snapshot, caller, dialect, q, &mut seen).await, q.resource.as_deref()),
-        Err(e) => (Err(e.clone()), None),
-    };
-    if let Some(lookup) = lookup
-        && tokio::time::timeout(PROCESS_WAIT, lookup).await.is_err()
-    {
-        tracing::debug!(%caller, "the caller's process lookup is slow; answering without waiting for it");
-    }
-    if let (Some(log), Some(started)) = (audit, started) {
-        log.record(caller, process.cloned(), &audit_record(dialect, raw_resource, &seen, &result, started));
-    }
-    result
-}
-
-/// The audit line of an answer.
-fn audit_record<'r>(
-    dialect: Dialect,
-    resource: Option<&'r str>,
-    seen: &'r Seen<'_>,
-    result: &'r Result<Response, RequestError>,
-    started: std::time::Instant,
-) -> Record<'r> {
-    let (decision, status, reason) = match result {
-        Ok(_) => ("issued", 200, None),
-        Err(e) if matches!(e.status, StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED) => {
-            ("denied", e.status.as_u16(), Some(e.description.as_str()))
-        }
-        Err(e) if seen.rate_limited => ("rate_limited", e.status.as_u16(), Some(e.description.as_str())),
-        Err(e) => ("error", e.status.as_u16(), Some(e.description.as_str())),
-    };
-    Record {
-        dialect: dialect.name(),
-        identity: seen.identity,
-        resource,
-        decision,
-        rule: seen.rule,
-        cache: seen.cache_hit.map(|hit| if hit { "hit" } else { "fetch" }),
-        status,
-        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-        token: seen.token.as_deref().map(AccessToken::fingerprint),
-        reason,
-    }
-}
-
-/// What `decide` got to, for the audit line (borrowed: nothing is copied on the request path).
-#[derive(Debug, Default)]
-struct Seen<'s> {
-    identity: Option<&'s str>,
-    rule: Option<usize>,
-    rate_limited: bool,
-    cache_hit: Option<bool>,
-    token: Option<HeldToken>,
-}
-
-/// [`decide`] for a cached token: `None`, having done nothing, when the token is not cached.
-fn decide_now<'s>(
-    broker: &Broker,
-    snapshot: &'s Snapshot,
-    caller: &Caller,
-    dialect: Dialect,
-    q: &TokenQuery<'_>,
-    seen: &mut Seen<'s>,
-) -> Option<Result<Response, RequestError>> {
-    let (identity, resource) = match prepare(snapshot, caller, dialect, q, seen) {
-        Ok(found) => found,
-        Err(e) => return Some(Err(e)),
-    };
-    let served = broker.cache().hit(snapshot, identity, &resource)?;
-    Some(
-        allow(broker, snapshot, caller, identity, &resource, dialect, seen)
-            .map(|()| serve(served, caller, identity, q, &resource, dialect, seen)),
-    )
-}
-
-/// Resolves the identity and resource of a checked query and answers with a token (waiting for one
-/// when none is cached) or an error.
-async fn decide<'s>(
-    broker: &Broker,
-    snapshot: &'s Snapshot,
-    caller: &Caller,
-    dialect: Dialect,
-    q: &TokenQuery<'_>,
-    seen: &mut Seen<'s>,
-) -> Result<Response, RequestError> {
-    let (identity, resource) = prepare(snapshot, caller, dialect, q, seen)?;
-    allow(broker, snapshot, caller, identity, &resource, dialect, seen)?;
-    let served = broker.cache().get(snapshot, caller, identity, &resource).await.map_err(|e| {
-        tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, error = %e, "token request refused");
-        if matches!(e, TokenError::TooManyResources { .. } | TokenError::AddingTooFast { .. }) {
-            crate::metrics::get().on_demand_refused();
-        }
-        RequestError::from(e)
-    })?;
-    Ok(serve(served, caller, identity, q, &resource, dialect, seen))
-}
-
-/// The resource and identity a query names, if the access policy lets the caller have them. Changes
-/// nothing but a denial's log line and metric.
-fn prepare<'s>(
-    snapshot: &'s Snapshot,
-    caller: &Caller,
-    dialect: Dialect,
-    q: &TokenQuery<'_>,
-    seen: &mut Seen<'s>,
-) -> Result<(&'s Identity, Resource), RequestError> {
-    let raw_resource =
-        q.resource.as_deref().ok_or_else(|| RequestError::bad_request("query parameter resource is required"))?;
-    let resource = Resource::parse(raw_resource)
-        .map_err(|e| RequestError::bad_request(format!("query parameter resource: {e}")))?;
-    let identity = snapshot
-        .identities
-        .select(q.selector.as_ref())
-        .map_err(|e| RequestError::bad_request(format!("Identity not found: {e}")))?;
-    seen.identity = Some(&identity.name);
-    if let Some(access) = &snapshot.access {
-        seen.rule = access.decide(caller, &identity.name, &resource).map_err(|denied| {
-            crate::metrics::get().denied();
-            tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, reason = %denied, "token request denied");
-            RequestError {
-                status: StatusCode::FORBIDDEN,
-                code: "access_denied",
-                description: denied.to_string(),
-                retry_after: None,
-            }
-        })?;
-    }
-    Ok((identity, resource))
-}
-
-/// The caller's rate limit, once the request is going to be served (this takes from its budget).
-fn allow(
-    broker: &Broker,
-    snapshot: &Snapshot,
-    caller: &Caller,
-    identity: &Identity,
-    resource: &Resource,
-    dialect: Dialect,
-    seen: &mut Seen<'_>,
-) -> Result<(), RequestError> {
-    if snapshot.access.is_some() {
-        tracing::debug!(%caller, identity = %identity.name, %resource, rule = ?seen.rule, "allowed by access policy");
-    }
-    let Err((rate, wait)) = broker.check_rate(caller) else { return Ok(()) };
-    tracing::info!(%caller, identity = %identity.name, %resource, ?dialect, "token request rate-limited");
-    seen.rate_limited = true;
-    crate::metrics::get().rate_limited();
-    let secs = whole_seconds(wait);
-    Err(RequestError {
-        status: StatusCode::TOO_MANY_REQUESTS,
-        code: "too_many_requests",
-        description: format!("{caller} exceeds access.rate_limit ({rate}); retry in {secs}s"),
-        retry_after: Some(secs),
-    })
-}
-
-/// The token answer.
-fn serve(
-    Served { token, cache_hit }: Served,
-    caller: &Caller,
-    identity: &Identity,
-    q: &TokenQuery<'_>,
-    resource: &Resource,
-    dialect: Dialect,
-    seen: &mut Seen<'_>,
-) -> Response {
-    tracing::debug!(%caller, identity = %identity.name, %resource, ?dialect, cache_hit, token = token.fingerprint(), "token served");
-    seen.cache_hit = Some(cache_hit);
-    crate::metrics::get().served(cache_hit);
-    let raw_resource = q.resource.as_deref().unwrap_or(resource.as_str());
-    let body = token_body(&token, &identity.client_id, raw_resource, unix_secs(SystemTime::now()));
-    seen.token = Some(token);
-    let mut resp = Response::new(Body::from(body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
 }
 
 /// The success body: the superset every SDK accepts, every number a string of digits, in the field
@@ -623,6 +366,8 @@ pub(crate) fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
     use crate::identity::Selector;
 

@@ -329,7 +329,10 @@ async fn accept_loop<A: Application>(
         };
         let process = match caller {
             Caller::Known { uid, pid, .. } if limits.lookup_processes => {
-                Some(Arc::new(ProcessLookup::new(uid, pid, inode)))
+                // Started now, while the client is still there; no request waits for it.
+                let lookup = Arc::new(ProcessLookup::new(uid, pid, inode));
+                lookup.start();
+                Some(lookup)
             }
             _ => None,
         };
