@@ -192,6 +192,38 @@ mod tests {
         drop(client);
     }
 
+    /// The kernel answers an exact lookup of a 4-tuple that no connected socket has with a *listening*
+    /// socket on the client's port, if there is one; its owner is not the caller. Only a netlink query:
+    /// no packet goes to the TEST-NET addresses asked about.
+    #[tokio::test]
+    async fn a_listener_on_the_clients_port_is_not_the_caller() {
+        let local = SocketAddr::from(([127, 0, 0, 1], 50342));
+        let callers = TcpCallers::default();
+        for wildcard in ["0.0.0.0:0", "[::]:0"] {
+            let listener = std::net::TcpListener::bind(wildcard).expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let (peer, local) = if wildcard.starts_with('[') {
+                (
+                    SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 2], port)),
+                    SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1], 50342)),
+                )
+            } else {
+                (SocketAddr::from(([192, 0, 2, 2], port)), local)
+            };
+            assert_eq!(callers.lookup(peer, local), (Caller::Unknown(Unknown::NotFound), None), "{wildcard}");
+            // And as a dual-stack listener sees an IPv4 client: v4-mapped addresses.
+            if wildcard.starts_with('[') {
+                let mapped =
+                    |ip: [u8; 4], port| SocketAddr::new(std::net::Ipv4Addr::from(ip).to_ipv6_mapped().into(), port);
+                assert_eq!(
+                    callers.lookup(mapped([192, 0, 2, 2], port), mapped([192, 0, 2, 1], 50342)),
+                    (Caller::Unknown(Unknown::NotFound), None),
+                    "v4-mapped"
+                );
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_socket_that_is_gone_is_an_unknown_caller_never_root() {
         use tokio::io::AsyncReadExt;
