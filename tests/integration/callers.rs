@@ -597,4 +597,24 @@ async fn a_group_rule_restricts_the_users_whose_primary_group_it_is_over_both_tr
         let v = ask("tokendcaller2", None, "https://vault.azure.net", unix);
         assert!(v["access_token"].is_string(), "unix={unix}: {v}");
     }
+
+    // Membership is resolved at load and reload: a user added to the group is limited after a reload.
+    let late = test_user_with("hclate", &["-U"]);
+    // Not a member yet: an earlier run added it (when it is not one, gpasswd fails, which is fine).
+    Command::new("gpasswd").args(["-d", "hclate", "hcgroup"]).output().expect("gpasswd (passwd package)");
+    let v = ask("hclate", None, "https://vault.azure.net", false);
+    assert!(v["access_token"].is_string(), "hclate is in no rule yet: {v}");
+    let out = Command::new("usermod").args(["-aG", "hcgroup", "hclate"]).output().expect("usermod (passwd package)");
+    assert!(out.status.success(), "usermod: {}", String::from_utf8_lossy(&out.stderr));
+    let reloads = t.logs().matches("configuration reloaded").count();
+    let _ = Command::new("kill").args(["-HUP", &t.pid().to_string()]).status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while t.logs().matches("configuration reloaded").count() == reloads {
+        assert!(std::time::Instant::now() < deadline, "no reload: {}", t.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for unix in [false, true] {
+        let v = ask("hclate", None, "https://vault.azure.net", unix);
+        assert_eq!(v["error"], "access_denied", "hclate (uid {late}) joined hcgroup, unix={unix}: {v}");
+    }
 }
