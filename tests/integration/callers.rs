@@ -544,6 +544,9 @@ async fn a_group_rule_restricts_the_users_whose_primary_group_it_is_over_both_tr
     let primary = test_user_with("hcprimary", &["-g", "hcgroup"]);
     let listed = test_user_with("hclisted", &["-U", "-G", "hcgroup"]);
     test_user("tokendcaller2");
+    let late = test_user_with("hclate", &["-U"]);
+    // Not a member when tokend starts: an earlier run added it (when it is not one, gpasswd fails, fine).
+    Command::new("gpasswd").args(["-d", "hclate", "hcgroup"]).output().expect("gpasswd (passwd package)");
     let members = std::fs::read_to_string("/etc/group").expect("/etc/group");
     let line = members.lines().find(|l| l.starts_with("hcgroup:")).expect("hcgroup in /etc/group");
     assert!(!line.contains("hcprimary") && line.contains("hclisted"), "the case under test: {line}");
@@ -599,9 +602,6 @@ async fn a_group_rule_restricts_the_users_whose_primary_group_it_is_over_both_tr
     }
 
     // Membership is resolved at load and reload: a user added to the group is limited after a reload.
-    let late = test_user_with("hclate", &["-U"]);
-    // Not a member yet: an earlier run added it (when it is not one, gpasswd fails, which is fine).
-    Command::new("gpasswd").args(["-d", "hclate", "hcgroup"]).output().expect("gpasswd (passwd package)");
     let v = ask("hclate", None, "https://vault.azure.net", false);
     assert!(v["access_token"].is_string(), "hclate is in no rule yet: {v}");
     let out = Command::new("usermod").args(["-aG", "hcgroup", "hclate"]).output().expect("usermod (passwd package)");
