@@ -37,12 +37,21 @@ impl<T: PartialEq> Pattern<T> {
 }
 
 /// One `[[access.rule]]`, names resolved.
+///
+/// A rule matches callers by **uid alone**, over TCP and the unix socket alike: its `groups` and
+/// `gids` are resolved at load to the uids of the users the system puts in them — those whose primary
+/// group it is and its listed members (`config/groups.rs`). Over the unix socket the kernel could tell
+/// the connecting *process's* gid and groups (`SO_PEERCRED`, `SO_PEERGROUPS`), but those are not the
+/// user's: `newgrp`, `sg`, `runuser -g`, a setgid program or a service manager's `Group=` give a process
+/// another set, and a session started before `usermod -aG` lacks the new group. Over TCP only the uid
+/// can be known. Deciding by the process's groups on one transport would let one user get two answers,
+/// and escape a rule that restricts its group by connecting with another gid; deciding by the account
+/// gives every transport the same answer, the one the administrator wrote in the group database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Rule {
-    /// `uids` and the uids of `users`, and the members (by `/etc/group`-style member lists) of `groups`.
+    /// `uids`, the uids of `users`, and the members of `groups` and `gids` (primary and listed),
+    /// sorted, without duplicates.
     pub(crate) uids: Vec<u32>,
-    /// `gids` and the gids of `groups`: matched against a unix-socket caller's gid.
-    pub(crate) gids: Vec<u32>,
     /// Identity names.
     pub(crate) identities: Pattern<String>,
     /// Normalised resources.
@@ -50,8 +59,8 @@ pub(crate) struct Rule {
 }
 
 impl Rule {
-    fn matches(&self, uid: u32, gid: Option<u32>) -> bool {
-        self.uids.contains(&uid) || gid.is_some_and(|g| self.gids.contains(&g))
+    fn matches(&self, uid: u32) -> bool {
+        self.uids.binary_search(&uid).is_ok()
     }
 }
 
@@ -165,8 +174,8 @@ pub(crate) enum Denied {
 impl Access {
     /// Whether `caller` may get `identity`'s token for `resource`; `Ok` names the deciding rule, if any.
     pub(crate) fn decide(&self, caller: &Caller, identity: &str, resource: &Resource) -> Result<Option<usize>, Denied> {
-        let (uid, gid) = match caller {
-            Caller::Known { uid, gid, .. } => (*uid, *gid),
+        let uid = match caller {
+            Caller::Known { uid, .. } => *uid,
             Caller::Unknown(_) => {
                 return match self.unknown {
                     Verdict::Allow => Ok(None),
@@ -174,7 +183,7 @@ impl Access {
                 };
             }
         };
-        let matching: Vec<usize> = (0..self.rules.len()).filter(|&i| self.rules[i].matches(uid, gid)).collect();
+        let matching: Vec<usize> = (0..self.rules.len()).filter(|&i| self.rules[i].matches(uid)).collect();
         if matching.is_empty() {
             return match self.default {
                 Verdict::Allow => Ok(None),
@@ -227,11 +236,11 @@ mod tests {
             rules: vec![
                 Rule {
                     uids: vec![1001],
-                    gids: vec![],
                     identities: Pattern::Only(vec!["default".into()]),
                     resources: Pattern::Only(vec![res("https://storage.azure.com/")]),
                 },
-                Rule { uids: vec![1002], gids: vec![50], identities: Pattern::Any, resources: Pattern::Any },
+                // A group's members, resolved at load (config/groups.rs).
+                Rule { uids: vec![1002, 1003], identities: Pattern::Any, resources: Pattern::Any },
             ],
         }
     }
@@ -247,7 +256,13 @@ mod tests {
             assert!(e.to_string().contains("access.rule[0]") && e.to_string().contains("vault"), "{e}");
             assert!(matches!(p.decide(&user(1001, None), "other", &storage), Err(Denied::NotListed { .. })));
             assert_eq!(p.decide(&user(1002, None), "other", &vault), Ok(Some(1)));
-            assert_eq!(p.decide(&user(4242, Some(50)), "other", &vault), Ok(Some(1)), "by gid");
+            assert_eq!(p.decide(&user(1003, None), "other", &vault), Ok(Some(1)), "a group member");
+            // The process's gid is not the user's groups: the same answer as without it, over any transport.
+            let unix = Caller::Known { uid: 1003, gid: Some(4242), pid: Some(1), transport: Transport::Unix };
+            assert_eq!(p.decide(&unix, "other", &vault), Ok(Some(1)), "a member with another gid");
+            let outsider = Caller::Known { uid: 4242, gid: Some(1003), pid: Some(1), transport: Transport::Unix };
+            let verdict = p.decide(&outsider, "other", &vault);
+            assert!(verdict == Ok(None) || matches!(verdict, Err(Denied::NoRule(_))), "no rule: {verdict:?}");
             let unknown = Caller::Unknown(Unknown::NotFound);
             assert!(matches!(p.decide(&unknown, "default", &storage), Err(Denied::Unknown(_))));
         }

@@ -4,8 +4,17 @@
 //!   port, ours as the peer), which answers uid and inode in microseconds without privilege. Not
 //!   `/proc/net/tcp` (the kernel walks its whole table) and not `SO_PEERCRED` (meaningless on TCP).
 //!
-//! A socket that is already gone answers uid 0 with inode 0 (a time-wait entry); that, an error or no
-//! answer (a caller in another network namespace) is an **unknown** caller — never root.
+//! The exact lookup is not exact: when no connected socket has the 4-tuple asked for, the kernel
+//! answers with a *listening* socket on the client's address and port if there is one (it looks the
+//! tuple up as it would an arriving packet). A client in another network namespace — a container's
+//! root binds any source port — connecting from port 22 would be answered with sshd's `0.0.0.0:22`
+//! listener, owned by root. So an answer counts only when it is a connected client socket whose whole
+//! 4-tuple (both addresses, both ports; v4-mapped IPv6 compared as the IPv4 address it is) is the
+//! accepted connection's, seen from the other end ([`judge`]).
+//!
+//! A socket that is already gone answers uid 0 with inode 0 (a time-wait entry); that, an answer that
+//! is not the client's socket (a listener, another tuple), an error or no answer (a caller in another
+//! network namespace) is an **unknown** caller — never root.
 
 use std::fmt;
 use std::io;
@@ -13,8 +22,10 @@ use std::net::SocketAddr;
 
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::SockDiagMessage;
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
-use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::constants::{
+    AF_INET, AF_INET6, IPPROTO_TCP, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_TIME_WAIT,
+};
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
 use parking_lot::Mutex;
@@ -51,7 +62,9 @@ pub(crate) enum Caller {
 pub(crate) enum Unknown {
     /// The client's socket is already gone (the kernel reports uid 0, inode 0).
     Gone,
-    /// The kernel has no such socket in tokend's network namespace (e.g. a caller in another one).
+    /// The kernel has no connected socket with the connection's 4-tuple in tokend's network namespace
+    /// (e.g. a caller in another one); it may have answered with another socket, such as a listener on
+    /// the client's port, which is not the caller.
     NotFound,
     /// The lookup itself failed.
     LookupFailed,
@@ -107,10 +120,7 @@ impl TcpCallers {
             }),
         };
         match answer {
-            Ok(Some((0, 0))) => (Caller::Unknown(Unknown::Gone), None),
-            Ok(Some((uid, inode))) => {
-                (Caller::Known { uid, gid: None, pid: None, transport: Transport::Tcp }, Some(inode))
-            }
+            Ok(Some(answer)) => judge(&answer, peer, local),
             Ok(None) => (Caller::Unknown(Unknown::NotFound), None),
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "sock_diag lookup failed");
@@ -127,9 +137,77 @@ fn open() -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// One exact `SOCK_DIAG_BY_FAMILY` request: `(uid, inode)` of the client socket, `None` when the kernel
-/// has no such socket (`ENOENT`).
-fn exact_lookup(socket: &mut Socket, peer: SocketAddr, local: SocketAddr) -> io::Result<Option<(u32, u32)>> {
+/// The kernel's answer about one TCP socket: its state, its two ends, its owner and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Answer {
+    /// `TCP_ESTABLISHED`, `TCP_LISTEN`, …
+    state: u8,
+    /// The socket's own address and port.
+    source: SocketAddr,
+    /// The address and port it is connected to (unspecified, port 0, for a listener).
+    destination: SocketAddr,
+    uid: u32,
+    inode: u32,
+}
+
+impl From<&InetResponseHeader> for Answer {
+    fn from(h: &InetResponseHeader) -> Self {
+        let id = &h.socket_id;
+        Self {
+            state: h.state,
+            source: SocketAddr::new(id.source_address, id.source_port),
+            destination: SocketAddr::new(id.destination_address, id.destination_port),
+            uid: h.uid,
+            inode: h.inode,
+        }
+    }
+}
+
+/// The states a client's socket can be in when tokend looks it up — after `accept`, before reading the
+/// first request, so before tokend has sent anything, let alone a FIN:
+/// - `ESTABLISHED`: tokend's `accept` returned, so the client's final ACK arrived, which it sends on
+///   entering `ESTABLISHED` (tokend does not enable TCP Fast Open, which would accept on the SYN, while
+///   the client is still `SYN_SENT`);
+/// - `FIN_WAIT1`, `FIN_WAIT2`: the client already shut down its sending side after its request
+///   (`shutdown(SHUT_WR)`, as `nc -N` and some HTTP/1.0 clients do) or closed its socket; it is still
+///   the caller's socket. One closed and then left as a time-wait entry answers uid 0 and inode 0.
+///
+/// Never `LISTEN` (a listener, not a client), `SYN_SENT`/`SYN_RECV` (not connected), `CLOSE_WAIT`,
+/// `LAST_ACK`, `CLOSING` (each means the client got a FIN that tokend has not sent).
+const CONNECTED: [u8; 3] = [TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2];
+
+/// Whether two ends are the same: address and port, a v4-mapped IPv6 address being its IPv4 address
+/// (the kernel answers an IPv4 socket in IPv4 for a lookup in v4-mapped IPv6, as a dual-stack listener
+/// sees IPv4 clients).
+fn same_end(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+}
+
+/// The caller an answer tells, and the client socket's inode when it is known: the owner of a connected
+/// client socket whose source is our `peer` and whose destination is our `local` address, and nobody
+/// else — not a listener on the client's port, not a socket of another tuple.
+fn judge(answer: &Answer, peer: SocketAddr, local: SocketAddr) -> (Caller, Option<u32>) {
+    if !same_end(answer.source, peer) || !same_end(answer.destination, local) {
+        tracing::debug!(
+            %peer, %local, state = answer.state, source = %answer.source, destination = %answer.destination,
+            "sock_diag answered with another socket than the client's; the caller is unknown"
+        );
+        return (Caller::Unknown(Unknown::NotFound), None);
+    }
+    if answer.state == TCP_TIME_WAIT || (answer.uid == 0 && answer.inode == 0) {
+        return (Caller::Unknown(Unknown::Gone), None);
+    }
+    if !CONNECTED.contains(&answer.state) {
+        tracing::debug!(%peer, state = answer.state, "the client's socket is not connected; the caller is unknown");
+        return (Caller::Unknown(Unknown::NotFound), None);
+    }
+    let inode = (answer.inode != 0).then_some(answer.inode);
+    (Caller::Known { uid: answer.uid, gid: None, pid: None, transport: Transport::Tcp }, inode)
+}
+
+/// One exact `SOCK_DIAG_BY_FAMILY` request for the client socket; the kernel's answer, which [`judge`]
+/// must check, or `None` when it has no socket to answer with (`ENOENT`).
+fn exact_lookup(socket: &mut Socket, peer: SocketAddr, local: SocketAddr) -> io::Result<Option<Answer>> {
     let family = if peer.is_ipv4() { AF_INET } else { AF_INET6 };
     let mut socket_id = if peer.is_ipv4() { SocketId::new_v4() } else { SocketId::new_v6() };
     // The client's socket: its source is the peer, its destination is us.
@@ -160,7 +238,7 @@ fn exact_lookup(socket: &mut Socket, peer: SocketAddr, local: SocketAddr) -> io:
     let reply = NetlinkMessage::<SockDiagMessage>::deserialize(&answer[..n])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     match reply.payload {
-        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => Ok(Some((r.header.uid, r.header.inode))),
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => Ok(Some(Answer::from(&r.header))),
         NetlinkPayload::Error(e) if e.code.is_some_and(|c| c.get() == -2) => Ok(None), // ENOENT
         NetlinkPayload::Error(e) => Err(io::Error::other(format!("sock_diag: {e}"))),
         other => Err(io::Error::other(format!("sock_diag: unexpected answer {other:?}"))),
@@ -190,6 +268,105 @@ mod tests {
             (Caller::Unknown(Unknown::NotFound), None)
         );
         drop(client);
+    }
+
+    /// The kernel answers an exact lookup of a 4-tuple that no connected socket has with a *listening*
+    /// socket on the client's port, if there is one; its owner is not the caller. Only a netlink query:
+    /// no packet goes to the TEST-NET addresses asked about.
+    #[tokio::test]
+    async fn a_listener_on_the_clients_port_is_not_the_caller() {
+        let local = SocketAddr::from(([127, 0, 0, 1], 50342));
+        let callers = TcpCallers::default();
+        for wildcard in ["0.0.0.0:0", "[::]:0"] {
+            let listener = std::net::TcpListener::bind(wildcard).expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let (peer, local) = if wildcard.starts_with('[') {
+                (
+                    SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 2], port)),
+                    SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1], 50342)),
+                )
+            } else {
+                (SocketAddr::from(([192, 0, 2, 2], port)), local)
+            };
+            assert_eq!(callers.lookup(peer, local), (Caller::Unknown(Unknown::NotFound), None), "{wildcard}");
+            // And as a dual-stack listener sees an IPv4 client: v4-mapped addresses.
+            if wildcard.starts_with('[') {
+                let mapped =
+                    |ip: [u8; 4], port| SocketAddr::new(std::net::Ipv4Addr::from(ip).to_ipv6_mapped().into(), port);
+                assert_eq!(
+                    callers.lookup(mapped([192, 0, 2, 2], port), mapped([192, 0, 2, 1], 50342)),
+                    (Caller::Unknown(Unknown::NotFound), None),
+                    "v4-mapped"
+                );
+            }
+        }
+    }
+
+    /// A client that sent its request and shut down its sending side (`FIN_WAIT2`) is still the caller.
+    #[tokio::test]
+    async fn a_half_closed_client_is_still_its_user() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (server, peer) = listener.accept().await.expect("accept");
+        client.write_all(b"GET / HTTP/1.0\r\n\r\n").await.expect("write");
+        client.shutdown().await.expect("shutdown(SHUT_WR)");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (caller, inode) = TcpCallers::default().lookup(peer, server.local_addr().expect("local"));
+        let uid = nix::unistd::geteuid().as_raw();
+        assert_eq!(caller, Caller::Known { uid, gid: None, pid: None, transport: Transport::Tcp });
+        assert!(inode.is_some(), "the client socket's inode");
+    }
+
+    #[test]
+    fn only_a_connected_socket_with_the_whole_4_tuple_is_the_caller() {
+        use netlink_packet_sock_diag::constants::{TCP_CLOSE_WAIT, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT};
+        let a = |s: &str| s.parse::<SocketAddr>().expect("address");
+        let (peer, local) = (a("10.0.0.2:22"), a("10.0.0.1:50342"));
+        let client = Answer { state: TCP_ESTABLISHED, source: peer, destination: local, uid: 1001, inode: 77 };
+        let known = (Caller::Known { uid: 1001, gid: None, pid: None, transport: Transport::Tcp }, Some(77));
+        let not_found = (Caller::Unknown(Unknown::NotFound), None);
+        let gone = (Caller::Unknown(Unknown::Gone), None);
+        let cases = [
+            ("the client's socket", client, known),
+            ("half-closed after its request", Answer { state: TCP_FIN_WAIT1, ..client }, known),
+            ("half-closed, acknowledged", Answer { state: TCP_FIN_WAIT2, ..client }, known),
+            ("closed, still draining", Answer { state: TCP_FIN_WAIT1, inode: 0, ..client }, (known.0, None)),
+            // What the kernel answers for a tuple nobody has: the listener on the client's port.
+            (
+                "a wildcard listener",
+                Answer { state: TCP_LISTEN, source: a("0.0.0.0:22"), destination: a("0.0.0.0:0"), uid: 0, inode: 9 },
+                not_found,
+            ),
+            ("a listener given the tuple", Answer { state: TCP_LISTEN, ..client }, not_found),
+            ("another source port", Answer { source: a("10.0.0.2:23"), ..client }, not_found),
+            ("another source address", Answer { source: a("10.0.0.3:22"), ..client }, not_found),
+            ("another destination port", Answer { destination: a("10.0.0.1:50343"), ..client }, not_found),
+            ("another destination address", Answer { destination: a("10.0.0.9:50342"), ..client }, not_found),
+            ("not connected yet", Answer { state: TCP_SYN_SENT, ..client }, not_found),
+            ("a server's half-open socket", Answer { state: TCP_SYN_RECV, ..client }, not_found),
+            ("told of a FIN tokend never sent", Answer { state: TCP_CLOSE_WAIT, ..client }, not_found),
+            ("a time-wait entry", Answer { state: TCP_TIME_WAIT, uid: 0, inode: 0, ..client }, gone),
+            ("a time-wait entry in FIN_WAIT2", Answer { state: TCP_FIN_WAIT2, uid: 0, inode: 0, ..client }, gone),
+        ];
+        for (what, answer, expected) in cases {
+            assert_eq!(judge(&answer, peer, local), expected, "{what}");
+        }
+        // IPv6, and IPv4 as a dual-stack listener sees it: the kernel answers in IPv4.
+        let (peer6, local6) = (a("[fd00::2]:22"), a("[fd00::1]:50342"));
+        let client6 = Answer { source: peer6, destination: local6, ..client };
+        assert_eq!(judge(&client6, peer6, local6), known);
+        assert_eq!(judge(&Answer { source: a("[fd00::3]:22"), ..client6 }, peer6, local6), not_found);
+        assert_eq!(
+            judge(&Answer { source: a("[::]:22"), destination: a("[::]:0"), ..client6 }, peer6, local6),
+            not_found
+        );
+        let (mapped_peer, mapped_local) = (a("[::ffff:10.0.0.2]:22"), a("[::ffff:10.0.0.1]:50342"));
+        assert_eq!(judge(&client, mapped_peer, mapped_local), known, "v4-mapped is the IPv4 address");
+        assert_eq!(judge(&Answer { source: mapped_peer, destination: mapped_local, ..client }, peer, local), known);
+        assert_eq!(judge(&client, a("[::ffff:10.0.0.3]:22"), mapped_local), not_found);
+        // `::10.0.0.2` (IPv4-compatible, deprecated) is not 10.0.0.2.
+        assert_eq!(judge(&client, a("[::10.0.0.2]:22"), mapped_local), not_found);
     }
 
     #[tokio::test]

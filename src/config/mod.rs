@@ -6,6 +6,7 @@
 //! problem. Relative paths in the file are relative to the file's directory.
 
 mod access;
+mod groups;
 mod identities;
 mod raw;
 #[cfg(test)]

@@ -71,10 +71,10 @@ pub(super) struct RawRule {
     /// User names, resolved at load.
     #[serde(default)]
     pub users: Vec<String>,
-    /// Group ids.
+    /// Group ids: their members (primary and listed), resolved at load.
     #[serde(default)]
     pub gids: Vec<u32>,
-    /// Group names, resolved at load.
+    /// Group names: their members (primary and listed), resolved at load.
     #[serde(default)]
     pub groups: Vec<String>,
     /// Identity names, or `["*"]`.

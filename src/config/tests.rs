@@ -200,12 +200,25 @@ fn access_policy_is_validated_and_names_resolved() {
     assert_eq!(access.rules[0].uids, vec![0], "root resolved at load");
     assert_eq!((access.default, access.unknown), (crate::access::Verdict::Allow, crate::access::Verdict::Deny));
     assert!(d.load(MINIMAL).expect("valid").access.is_none(), "no [access], no policy");
+    // A group is its primary members too: root's group lists nobody, yet root is in it.
+    for who in ["groups = [\"root\"]", "gids = [0]"] {
+        let c = d.load(&rule(&format!("{who}\nidentities = [\"*\"]\nresources = [\"*\"]"))).expect("valid");
+        let uids = &c.access.expect("[access]").rules[0].uids;
+        assert!(uids.contains(&0) && uids.is_sorted(), "{who}: {uids:?}");
+    }
+    // A gid no group has is still the primary group of whoever has it (here: nobody).
+    let c = d.load(&rule("uids = [5]\ngids = [4242421]\nidentities = [\"*\"]\nresources = [\"*\"]")).expect("valid");
+    assert_eq!(c.access.expect("[access]").rules[0].uids, vec![5]);
     let cases = [
         (rule("users = [\"no-such-user-here\"]\nidentities = [\"*\"]\nresources = [\"*\"]"), "access.rule[0].users[0]"),
         (rule("uids = [1]\nidentities = [\"nope\"]\nresources = [\"*\"]"), "access.rule[0].identities[0]"),
         (rule("uids = [1]\nidentities = [\"*\"]\nresources = [\"a b\"]"), "access.rule[0].resources[0]"),
         (rule("uids = [1]\nresources = [\"*\"]"), "access.rule[0].identities"),
         (rule("identities = [\"*\"]\nresources = [\"*\"]"), "matches nobody"),
+        (
+            rule("groups = [\"no-such-group-here\"]\nidentities = [\"*\"]\nresources = [\"*\"]"),
+            "access.rule[0].groups[0]",
+        ),
         (rule("uids = [1]\nidentities = [\"*\"]\nresources = [\"*\"]\nrate = 1"), "rate"),
         (format!("{MINIMAL}\n[access]\ndefault = \"maybe\"\n"), "access.default"),
     ];

@@ -496,3 +496,125 @@ async fn one_caller_cannot_hold_every_connection() {
     assert!(answer.starts_with("HTTP/1.1 200"), "a freed place is usable again: {answer}");
     assert!(t.logs().contains("per-caller connection limit reached"), "{}", t.logs());
 }
+
+/// A group of this host for the test, created if missing; its gid.
+fn test_group(name: &str) -> u32 {
+    let gid = || {
+        let out = Command::new("getent").args(["group", name]).output().expect("getent (libc-bin)");
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.status.success().then(|| line.split(':').nth(2).and_then(|g| g.trim().parse::<u32>().ok()).expect("gid"))
+    };
+    if let Some(g) = gid() {
+        return g;
+    }
+    let out = Command::new("groupadd").args(["--system", name]).output().expect("groupadd (passwd package)");
+    assert!(out.status.success() || gid().is_some(), "groupadd {name}: {}", String::from_utf8_lossy(&out.stderr));
+    gid().expect("the new group")
+}
+
+/// A user created (if missing) with `useradd ARGS NAME`; its uid.
+fn test_user_with(name: &str, args: &[&str]) -> u32 {
+    let uid = || {
+        let out = Command::new("id").args(["-u", name]).output().expect("id");
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().expect("uid"))
+    };
+    if let Some(u) = uid() {
+        return u;
+    }
+    let out = Command::new("useradd")
+        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin"])
+        .args(args)
+        .arg(name)
+        .output()
+        .expect("useradd (passwd package) is required");
+    assert!(out.status.success() || uid().is_some(), "useradd {name}: {}", String::from_utf8_lossy(&out.stderr));
+    uid().expect("the new user")
+}
+
+/// A group rule is about the users the system says are in the group: those whose primary group it is
+/// (who are usually not in its `/etc/group` member list) as well as its listed members, over TCP and
+/// the unix socket alike — and over the unix socket whatever gid the connecting process runs with (a
+/// process started with another gid, as `runuser -g` or `sg` do, is the same user). With
+/// `default = "allow"`, a rule restricting the group limits them all to its resource.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_rule_restricts_the_users_whose_primary_group_it_is_over_both_transports() {
+    let idp = Idp::start(3600).await;
+    let gid = test_group("hcgroup");
+    let other_gid = test_group("hcother");
+    let primary = test_user_with("hcprimary", &["-g", "hcgroup"]);
+    let listed = test_user_with("hclisted", &["-U", "-G", "hcgroup"]);
+    test_user("tokendcaller2");
+    let late = test_user_with("hclate", &["-U"]);
+    // Not a member when tokend starts: an earlier run added it (when it is not one, gpasswd fails, fine).
+    Command::new("gpasswd").args(["-d", "hclate", "hcgroup"]).output().expect("gpasswd (passwd package)");
+    let members = std::fs::read_to_string("/etc/group").expect("/etc/group");
+    let line = members.lines().find(|l| l.starts_with("hcgroup:")).expect("hcgroup in /etc/group");
+    assert!(!line.contains("hcprimary") && line.contains("hclisted"), "the case under test: {line}");
+    assert_eq!(uid_gid(primary), gid, "hcprimary's primary group is hcgroup");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let socket = dir.path().join("tokend.sock");
+    let port = free_port();
+    let mut o = Opts::new(&idp);
+    o.extra = "[access]\ndefault = \"allow\"\n[[access.rule]]\ngroups = [\"hcgroup\"]\nidentities = [\"default\"]\nresources = [\"https://storage.azure.com\"]\n".into();
+    let config = config_with(dir.path(), port, &o, "unix_socket = \"tokend.sock\"\nsocket_mode = \"0666\"\n");
+    let t = Tokend::spawn(dir, config, port, &[]).await;
+    let socket_arg = socket.to_str().expect("utf8");
+    // `runuser -u USER [-g GROUP] -- curl ...`: the JSON answer.
+    let ask = |user: &str, group: Option<&str>, resource: &str, unix: bool| {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", user]);
+        if let Some(g) = group {
+            cmd.args(["-g", g]);
+        }
+        cmd.args(["--", "curl", "-s", "--max-time", "20", "-H", "Metadata: true"]);
+        if unix {
+            cmd.args(["--unix-socket", socket_arg]).arg(format!(
+                "http://localhost/metadata/identity/oauth2/token?api-version=2018-02-01&resource={resource}"
+            ));
+        } else {
+            cmd.arg(t.imds_url(resource));
+        }
+        let out = cmd.output().expect("runuser (util-linux) and curl are required");
+        assert!(out.status.success(), "curl as {user}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| panic!("{e}: {:?}", out.stdout))
+    };
+    for unix in [false, true] {
+        for (user, uid, group) in
+            [("hcprimary", primary, None), ("hclisted", listed, None), ("hcprimary", primary, Some("hcother"))]
+        {
+            let v = ask(user, group, "https://storage.azure.com", unix);
+            assert!(v["access_token"].is_string(), "{user} {group:?} unix={unix}: {v}\n{}", t.logs());
+            let v = ask(user, group, "https://vault.azure.net", unix);
+            assert_eq!(
+                v["error"],
+                "access_denied",
+                "{user} (gid {}) unix={unix}: the rule for hcgroup limits it: {v}",
+                group.map_or(gid, |_| other_gid)
+            );
+            let d = v["error_description"].as_str().expect("description");
+            assert!(d.contains("access.rule[0]") && d.contains(&format!("uid {uid}")), "{d}");
+        }
+        // Someone else is not limited by the rule (default = "allow").
+        let v = ask("tokendcaller2", None, "https://vault.azure.net", unix);
+        assert!(v["access_token"].is_string(), "unix={unix}: {v}");
+    }
+
+    // Membership is resolved at load and reload: a user added to the group is limited after a reload.
+    let v = ask("hclate", None, "https://vault.azure.net", false);
+    assert!(v["access_token"].is_string(), "hclate is in no rule yet: {v}");
+    let out = Command::new("usermod").args(["-aG", "hcgroup", "hclate"]).output().expect("usermod (passwd package)");
+    assert!(out.status.success(), "usermod: {}", String::from_utf8_lossy(&out.stderr));
+    let reloads = t.logs().matches("configuration reloaded").count();
+    let _ = Command::new("kill").args(["-HUP", &t.pid().to_string()]).status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while t.logs().matches("configuration reloaded").count() == reloads {
+        assert!(std::time::Instant::now() < deadline, "no reload: {}", t.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for unix in [false, true] {
+        let v = ask("hclate", None, "https://vault.azure.net", unix);
+        assert_eq!(v["error"], "access_denied", "hclate (uid {late}) joined hcgroup, unix={unix}: {v}");
+    }
+}
