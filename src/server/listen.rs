@@ -674,7 +674,7 @@ mod tests {
         let (head, body) = exchange_late(addr, head, Duration::from_millis(300), &late).await;
         assert_eq!(refused(&head, &body, "429")["error"], "too_many_requests");
 
-        // Nothing sent, and never closed by the client: answered anyway (IMDS's shape), then closed.
+        // Nothing sent: answered anyway (IMDS's shape) after a short wait for a request line, then closed.
         let started = std::time::Instant::now();
         let (head, body) = exchange(addr, b"").await;
         assert_eq!(refused(&head, &body, "429")["error"], "too_many_requests");
@@ -691,6 +691,54 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let (head, _) = exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await;
         assert!(head.starts_with("HTTP/1.1 200"), "the cap frees up: {head}");
+        stop.cancel();
+        server.await.expect("join").expect("serve");
+    }
+
+    /// A flood of over-limit connections that send nothing and never close ties up at most
+    /// `MAX_REFUSALS` answers, each for at most a second: the rest are closed at once, unanswered, and
+    /// once the second is over the next over-limit connection is answered again though the flood's
+    /// connections are all still open.
+    #[tokio::test]
+    async fn a_flood_of_over_limit_connections_costs_a_bounded_number_of_answers_for_a_bounded_time() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/healthz", get(|| async { "alive" }));
+        let stop = CancellationToken::new();
+        let limits = Limits { max_connections_per_caller: 1, ..Limits::default() };
+        let server = tokio::spawn(serve(vec![Listener::Tcp(listener)], app, stop.clone(), limits));
+        let _held = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let flood = super::super::refusal::MAX_REFUSALS + 40;
+        let mut silent = Vec::new();
+        for _ in 0..flood {
+            silent.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        let started = std::time::Instant::now();
+        let waits = silent.into_iter().map(|mut s| {
+            tokio::spawn(async move {
+                let mut answer = Vec::new();
+                let read = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut answer)).await;
+                assert!(read.is_ok(), "an over-limit connection still open after 3 s");
+                (answer.starts_with(b"HTTP/1.1 429"), s)
+            })
+        });
+        let (mut answered, mut still_open) = (0, Vec::new());
+        for wait in waits.collect::<Vec<_>>() {
+            let (was_answered, s) = wait.await.expect("join");
+            answered += usize::from(was_answered);
+            still_open.push(s);
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            (super::super::refusal::MAX_REFUSALS / 2..=super::super::refusal::MAX_REFUSALS).contains(&answered),
+            "{answered} of {flood} answered"
+        );
+        tokio::time::sleep(Duration::from_millis(1200).saturating_sub(started.elapsed())).await;
+        let (head, body) = exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+        refused(&head, &body, "429");
+        drop(still_open);
         stop.cancel();
         server.await.expect("join").expect("serve");
     }
