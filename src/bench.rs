@@ -94,7 +94,7 @@ impl App {
         while !broker.readiness().iter().all(|s| s.ready) {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        let app = crate::server::router(broker.clone(), crate::server::HostPolicy::default());
+        let app = crate::server::router(broker.clone());
         let asker =
             crate::dialect::Asker::new(crate::caller::Caller::Unknown(crate::caller::Unknown::LookupFailed), None);
         Self { app, asker, broker, dir }

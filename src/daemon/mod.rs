@@ -1,7 +1,8 @@
 //! The daemon's lifecycle, shared by `tokend serve` and `tokend dev`: **prepare** (every configuration
 //! error, before anything is bound), **probe** (transparent IMDS never shadows a real one), **bind**
-//! (every listener, before anything is served), **serve** (the broker, the reloader), **drain** (on
-//! SIGTERM/SIGINT, bounded). systemd notification and the metrics listener belong here.
+//! (every listener, the metrics one too, before anything is served or fetched), **serve** (the broker,
+//! the reloader), **drain** (on SIGTERM/SIGINT, bounded). systemd notification and the metrics listener
+//! belong here.
 //!
 //! Submodules: [`reload`] (credential files polled, SIGHUP reloads the whole file), [`signal`]
 //! (SIGTERM/SIGINT) and [`systemd`] (readiness, status, reload outcome, watchdog).
@@ -24,10 +25,11 @@ use tokio_util::task::TaskTracker;
 use crate::audit::AuditLog;
 use crate::broker::{Broker, load_identity_header};
 use crate::config::{Config, ConfigError};
+use crate::dialect::Dialect;
 use crate::error::Error;
 use crate::idp::IdpClient;
 use crate::net::is_imds_ip;
-use crate::server::{self, HostPolicy};
+use crate::server;
 use crate::token::TokenSource;
 
 /// How long in-flight work gets to finish after SIGTERM.
@@ -79,12 +81,18 @@ pub(crate) fn harden() -> Result<(), Error> {
         .map_err(|e| Error::Runtime(anyhow::anyhow!("cannot turn off PR_SET_DUMPABLE: {e}")))
 }
 
-/// Serves `GET /metrics` (Prometheus text format 0.0.4) on its own listener until `cancel`.
+/// Serves `GET /metrics` (Prometheus text format 0.0.4) on its own listener until `cancel`, behind the
+/// token listeners' Host guard (`server::host_guard`: it names identities and configured resources, so a
+/// page must not read it through DNS rebinding; Prometheus addresses it by IP or as localhost).
 async fn serve_metrics(listener: tokio::net::TcpListener, broker: Arc<Broker>, cancel: CancellationToken) {
     use axum::http::header;
-    let scrape = move || {
+    use axum::response::IntoResponse;
+    let scrape = move |headers: axum::http::HeaderMap| {
         let broker = broker.clone();
         async move {
+            if let Some(refused) = server::host_guard(&headers) {
+                return refused.into_response(Dialect::Imds);
+            }
             let text = crate::metrics::get().encode(|s| {
                 for t in broker.readiness() {
                     s.token(&t.identity, t.resource.as_str(), t.remaining, t.ready);
@@ -96,7 +104,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, broker: Arc<Broker>, c
                 }
                 s.on_demand(broker.cache().on_demand());
             });
-            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
         }
     };
     let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
@@ -148,6 +156,15 @@ pub(crate) async fn run(
     let source: Arc<dyn TokenSource> =
         Arc::new(IdpClient::new(&config.upstream).context("cannot set up the HTTPS client")?);
     let listeners = server::bind(&config.server, inherited).await?;
+    // With the others, before the broker starts: a bad metrics address must fail before any IdP call.
+    let metrics = match config.metrics_listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?,
+        ),
+    };
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(server::Listener::tcp_addr).collect();
     let described: Vec<String> = listeners.iter().map(server::Listener::describe).collect();
     let lookup_processes = audit.is_some();
@@ -160,16 +177,8 @@ pub(crate) async fn run(
     };
     tracker.spawn(systemd::readiness(broker.clone(), described.join(", "), cancel.clone()));
     tracker.spawn(systemd::watchdog(broker.clone(), check, cancel.clone()));
-    let metrics = match config.metrics_listen {
-        None => None,
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?,
-        ),
-    };
     let metrics_broker = broker.clone();
-    let app = server::router(broker, HostPolicy::for_listen(&bound));
+    let app = server::router(broker);
     let limits = server::Limits {
         max_connections_per_caller: config.server.max_connections_per_caller,
         lookup_processes,

@@ -1,8 +1,9 @@
 //! Listening and serving: [`bind`] every listener (loopback TCP and an optional unix socket) before
 //! anything is served, then [`serve`] — tokend's own HTTP/1 accept loop (hyper): header-read timeout
-//! against slowloris, a per-listener connection limit and a graceful drain bounded by
-//! `Limits::drain`. Each connection's [`Caller`] is resolved here, once, before its first request is
-//! read, and handed to the handlers as a request extension.
+//! against slowloris, per-listener and per-caller connection limits (a connection beyond one is
+//! answered by [`super::refusal`]) and a graceful drain bounded by `Limits::drain`. Each connection's
+//! [`Caller`] is resolved here, once, before its first request is read, and handed to the handlers as a
+//! request extension.
 
 use std::convert::Infallible;
 use std::io;
@@ -24,6 +25,8 @@ use crate::caller::{Caller, TcpCallers};
 use crate::config::{ServerConfig, UnixSocketConfig};
 use crate::dialect::Asker;
 use crate::process::ProcessLookup;
+
+use super::refusal::{Limit, Refusals};
 
 /// A bound listener.
 #[derive(Debug)]
@@ -215,9 +218,10 @@ pub(crate) struct Limits {
     /// A client must send its whole request head within this (slowloris), give or take half of it; an
     /// idle keep-alive connection is closed after as long.
     pub(crate) header_read_timeout: Duration,
-    /// Open connections per listener; beyond it new connections are closed at once.
+    /// Open connections per listener; beyond it a new connection is answered 503 and closed.
     pub(crate) max_connections: usize,
-    /// Open connections per caller (uid; unidentified callers together), over all listeners.
+    /// Open connections per caller (uid; unidentified callers together), over all listeners; beyond it a
+    /// new connection is answered 429 and closed.
     pub(crate) max_connections_per_caller: usize,
     /// Hard cap on a request head (hyper answers a bare 431 beyond it).
     pub(crate) max_head_bytes: usize,
@@ -252,6 +256,7 @@ pub(crate) async fn serve<A: Application>(
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let callers = Arc::new(TcpCallers::default());
     let per_caller = Arc::new(PerCaller::default());
+    let refusals = Arc::new(Refusals::default());
     let mut sockets = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
@@ -261,8 +266,8 @@ pub(crate) async fn serve<A: Application>(
             sockets.push((path.clone(), *ino));
         }
         let (app, stop, graceful) = (app.clone(), shutdown.clone(), graceful.clone());
-        let (callers, per_caller) = (callers.clone(), per_caller.clone());
-        tasks.spawn(accept_loop(listener, app, stop, graceful, callers, per_caller, limits));
+        let (callers, per_caller, refusals) = (callers.clone(), per_caller.clone(), refusals.clone());
+        tasks.spawn(accept_loop(listener, app, stop, graceful, Shared { callers, per_caller, refusals }, limits));
     }
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
@@ -285,15 +290,22 @@ pub(crate) async fn serve<A: Application>(
     result
 }
 
+/// What the accept loops of one [`serve`] share.
+struct Shared {
+    callers: Arc<TcpCallers>,
+    per_caller: Arc<PerCaller>,
+    refusals: Arc<Refusals>,
+}
+
 async fn accept_loop<A: Application>(
     listener: Listener,
     app: A,
     stop: CancellationToken,
     graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
-    callers: Arc<TcpCallers>,
-    per_caller: Arc<PerCaller>,
+    shared: Shared,
     limits: Limits,
 ) {
+    let Shared { callers, per_caller, refusals } = shared;
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     // The header-read timeout is `head_watchdog`'s, per connection: hyper's arms a timer for every
@@ -315,7 +327,8 @@ async fn accept_loop<A: Application>(
             }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = limits.max_connections, "connection limit reached; closing a new connection");
+            let answered = refusals.refuse(stream, Limit::Listener { max: limits.max_connections });
+            tracing::warn!(%peer, max = limits.max_connections, answered, "connection limit reached; refusing a new connection (503)");
             continue;
         };
         // The caller, once per connection, before its first request is read.
@@ -324,7 +337,10 @@ async fn accept_loop<A: Application>(
             Pending::Known(caller) => (caller, None),
         };
         let Some(slot) = per_caller.take(&caller, limits.max_connections_per_caller) else {
-            tracing::warn!(%peer, %caller, max = limits.max_connections_per_caller, "per-caller connection limit reached; closing a new connection");
+            drop(permit);
+            let max = limits.max_connections_per_caller;
+            let answered = refusals.refuse(stream, Limit::PerCaller { caller, max });
+            tracing::warn!(%peer, %caller, max, answered, "per-caller connection limit reached; refusing a new connection (429)");
             continue;
         };
         let process = match caller {
@@ -538,9 +554,51 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn connections_beyond_the_limit_are_closed_and_the_limit_frees_up() {
+    /// One exchange on a new connection: the whole answer up to the server's close, as (status line and
+    /// headers, body). A reset instead of an answer fails the test.
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> (String, String) {
+        exchange_late(addr, request, Duration::ZERO, b"").await
+    }
+
+    /// [`exchange`], sending `late` after `pause` (once an over-limit connection has been answered).
+    async fn exchange_late(addr: SocketAddr, request: &[u8], pause: Duration, late: &[u8]) -> (String, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request).await.expect("write");
+        if !late.is_empty() {
+            tokio::time::sleep(pause).await;
+            s.write_all(late).await.expect("write after the answer: tokend still reads (no reset)");
+        }
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut answer)).await;
+        let read = read.unwrap_or_else(|_| panic!("not closed within 3 s: {:?}", String::from_utf8_lossy(&answer)));
+        read.unwrap_or_else(|e| {
+            panic!("{e} instead of an answer; read so far: {:?}", String::from_utf8_lossy(&answer))
+        });
+        let text = String::from_utf8(answer).expect("utf8");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+        (head.to_owned(), body.to_owned())
+    }
+
+    /// A header of an answer's head, by lower-case name.
+    fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+        head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// An over-limit answer: `status`, `Retry-After: 1`, `Connection: close`, the whole JSON body.
+    fn refused(head: &str, body: &str, status: &str) -> serde_json::Value {
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
+        assert_eq!(header(head, "retry-after"), Some("1"), "{head}");
+        assert_eq!(header(head, "connection"), Some("close"), "{head}");
+        assert_eq!(header(head, "content-length"), Some(body.len().to_string().as_str()), "{head}");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_answered_503_and_the_limit_frees_up() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let app = Router::new().route("/healthz", get(|| async { "alive" }));
@@ -552,18 +610,138 @@ mod tests {
             idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.expect("closed at once");
-        assert!(matches!(n, Ok(0) | Err(_)), "the fourth connection is closed, not served");
+        let (head, body) = exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+        let body = refused(&head, &body, "503");
+        assert_eq!(body["error"], "temporarily_unavailable", "{body}");
+        assert!(body["error_description"].as_str().is_some_and(|d| d.contains("3 open connections")), "{body}");
         idle.clear();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut ok = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.expect("write");
-        let mut answer = String::new();
-        ok.read_to_string(&mut answer).await.expect("read");
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let (head, _) = exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        stop.cancel();
+        server.await.expect("join").expect("serve");
+    }
+
+    /// The attacker's (or a parallel test runner's) view of `max_connections_per_caller`: every
+    /// connection over the cap reads a whole 429 in its dialect's shape, naming the cap, its value and
+    /// the caller, with `Retry-After` — however it sends its request: at once, in a head larger than
+    /// what is read of it (the rest is drained, so the close does not reset the answer away), or not at
+    /// all; and tokend closes it even when the client does not.
+    #[tokio::test]
+    async fn a_caller_over_its_connection_cap_reads_a_429_in_its_dialect_never_a_reset() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/healthz", get(|| async { "alive" }));
+        let stop = CancellationToken::new();
+        let limits = Limits { max_connections_per_caller: 2, ..Limits::default() };
+        let server = tokio::spawn(serve(vec![Listener::Tcp(listener)], app, stop.clone(), limits));
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let names_the_cap = |text: &str| {
+            text.contains("server.max_connections_per_caller") && text.contains(" 2") && text.contains("uid ")
+        };
+
+        let imds = b"GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://storage.azure.com HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\n\r\n";
+        let (head, body) = exchange(addr, imds).await;
+        let body = refused(&head, &body, "429");
+        assert_eq!(body["error"], "too_many_requests", "{body}");
+        assert!(body["error_description"].as_str().is_some_and(names_the_cap), "{body}");
+
+        let msi = b"GET /msi/token?api-version=2019-08-01&resource=https://storage.azure.com HTTP/1.1\r\nHost: 127.0.0.1\r\nX-IDENTITY-HEADER: x\r\n\r\n";
+        let (head, body) = exchange(addr, msi).await;
+        let body = refused(&head, &body, "429");
+        assert_eq!(body["statusCode"], 429, "App Service shape: {body}");
+        assert!(body["message"].as_str().is_some_and(names_the_cap), "{body}");
+        assert!(body["correlationId"].is_string(), "{body}");
+
+        // Cloud Shell's POST to the App Service path: IMDS's shape, as the router answers it.
+        let post = b"POST /msi/token HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 10\r\n\r\nresource=r";
+        let (head, body) = exchange(addr, post).await;
+        assert_eq!(refused(&head, &body, "429")["error"], "too_many_requests");
+
+        // A head of 40 KiB, sent at once: far more than is read of it.
+        let big = format!(
+            "GET /metadata/identity/oauth2/token HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: {}\r\n\r\n",
+            "p".repeat(40 * 1024)
+        );
+        let (head, body) = exchange(addr, big.as_bytes()).await;
+        assert_eq!(refused(&head, &body, "429")["error"], "too_many_requests");
+
+        // Still sending once answered (a body that follows its head): what arrives is drained, so
+        // closing does not reset the connection and the answer with it.
+        let head = b"POST /msi/token HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\nContent-Length: 40000\r\n\r\n";
+        let late = vec![b'x'; 40_000];
+        let (head, body) = exchange_late(addr, head, Duration::from_millis(300), &late).await;
+        assert_eq!(refused(&head, &body, "429")["error"], "too_many_requests");
+
+        // Nothing sent: answered anyway (IMDS's shape) after a short wait for a request line, then closed.
+        let started = std::time::Instant::now();
+        let (head, body) = exchange(addr, b"").await;
+        assert_eq!(refused(&head, &body, "429")["error"], "too_many_requests");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+
+        // Many at once, as a parallel test runner opens them.
+        let many: Vec<_> = (0..40).map(|_| tokio::spawn(exchange(addr, imds))).collect();
+        for one in many {
+            let (head, body) = one.await.expect("join");
+            assert!(refused(&head, &body, "429")["error_description"].as_str().is_some_and(names_the_cap));
+        }
+
+        idle.clear();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (head, _) = exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "the cap frees up: {head}");
+        stop.cancel();
+        server.await.expect("join").expect("serve");
+    }
+
+    /// A flood of over-limit connections that send nothing and never close ties up at most
+    /// `MAX_REFUSALS` answers, each for at most a second: the rest are closed at once, unanswered, and
+    /// once the second is over the next over-limit connection is answered again though the flood's
+    /// connections are all still open.
+    #[tokio::test]
+    async fn a_flood_of_over_limit_connections_costs_a_bounded_number_of_answers_for_a_bounded_time() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/healthz", get(|| async { "alive" }));
+        let stop = CancellationToken::new();
+        let limits = Limits { max_connections_per_caller: 1, ..Limits::default() };
+        let server = tokio::spawn(serve(vec![Listener::Tcp(listener)], app, stop.clone(), limits));
+        let _held = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let flood = super::super::refusal::MAX_REFUSALS + 40;
+        let mut silent = Vec::new();
+        for _ in 0..flood {
+            silent.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        let started = std::time::Instant::now();
+        let waits = silent.into_iter().map(|mut s| {
+            tokio::spawn(async move {
+                let mut answer = Vec::new();
+                let read = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut answer)).await;
+                assert!(read.is_ok(), "an over-limit connection still open after 3 s");
+                (answer.starts_with(b"HTTP/1.1 429"), s)
+            })
+        });
+        let (mut answered, mut still_open) = (0, Vec::new());
+        for wait in waits.collect::<Vec<_>>() {
+            let (was_answered, s) = wait.await.expect("join");
+            answered += usize::from(was_answered);
+            still_open.push(s);
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            (super::super::refusal::MAX_REFUSALS / 2..=super::super::refusal::MAX_REFUSALS).contains(&answered),
+            "{answered} of {flood} answered"
+        );
+        tokio::time::sleep(Duration::from_millis(1200).saturating_sub(started.elapsed())).await;
+        let (head, body) = exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+        refused(&head, &body, "429");
+        drop(still_open);
         stop.cancel();
         server.await.expect("join").expect("serve");
     }

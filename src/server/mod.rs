@@ -1,12 +1,13 @@
 //! The HTTP surface: the router and its guards; [`listen`] binds and serves.
 //!
 //! Routes: the two token dialects, `/healthz` (alive) and `/readyz` (every configured resource cached).
-//! Guards: only GET (and POST on the App Service path; 405 otherwise), a `Host` that is a loopback name or address or one of tokend's
-//! listen addresses (DNS rebinding), a bounded request time. Errors use the dialect's shape.
+//! Guards: only GET (and POST on the App Service path; 405 otherwise), a `Host` that is a loopback name or
+//! an IP address (DNS rebinding; every route but `/healthz`), a bounded request time. Errors use the
+//! dialect's shape. A connection over a connection limit is answered by [`refusal`].
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -23,35 +24,35 @@ use crate::dialect::{Asker, Dialect, RequestError, app_service, cloud_shell, imd
 use crate::metrics::Route;
 
 mod listen;
+mod refusal;
 
 pub(crate) use listen::{Application, Inherited, Limits, Listener, bind, check_unix_path, serve};
 
 /// Longest any request may take; callers are answered within `tokens.max_wait` well before this.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(70);
 
-/// Which `Host` values are accepted besides loopback names and addresses.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct HostPolicy {
-    /// tokend's own listen addresses (e.g. a non-loopback one the operator opted into).
-    pub extra: Vec<IpAddr>,
-}
-
-impl HostPolicy {
-    /// Accepts the listen addresses' IPs.
-    pub(crate) fn for_listen(listen: &[SocketAddr]) -> Self {
-        Self { extra: listen.iter().map(SocketAddr::ip).filter(|ip| !ip.is_unspecified()).collect() }
+/// Whether a `Host` header value may be answered: a loopback name (`localhost`, `localhost.`) or any IP
+/// address literal, with or without a port. Every other DNS name is refused.
+///
+/// The guard is against DNS rebinding: a page from `http://attacker.example` re-points its own name at
+/// this machine, and the browser, believing it still talks to the page's origin, lets the page read
+/// tokend's answers. Such a request necessarily carries the attacker's name in `Host` (a page cannot
+/// set `Host`; the browser writes the URL's host). A request whose `Host` is an IP literal was sent to a
+/// URL naming that address, so the only page that could read its answer is one served from that same
+/// address and port — by tokend itself; no foreign page gets there. So any IP literal is safe to
+/// answer, which keeps a listener on a non-loopback or unspecified address reachable the way real
+/// clients address it without tokend knowing every address of the host: Prometheus scraping
+/// `[metrics] listen = "0.0.0.0:9464"` sends `Host: <node-ip>:9464`, a kubelet `httpGet` probe
+/// `Host: <pod-ip>:<port>`, a container `Host: <bridge-ip>:<port>`. (Non-browser clients can send any
+/// `Host` at all; for them the guard was never a boundary.) Listen addresses are IP literals too, so
+/// they need no list of their own.
+pub(crate) fn host_allowed(host: &str) -> bool {
+    let name = strip_port(host);
+    // What nearly every client sends, without parsing an address.
+    if name == "127.0.0.1" || name.eq_ignore_ascii_case("localhost") || name.eq_ignore_ascii_case("localhost.") {
+        return true;
     }
-
-    /// Whether a `Host` header value is acceptable.
-    pub(crate) fn allows(&self, host: &str) -> bool {
-        let name = strip_port(host);
-        // What nearly every client sends, without parsing an address.
-        if name == "127.0.0.1" || name.eq_ignore_ascii_case("localhost") || name.eq_ignore_ascii_case("localhost.") {
-            return true;
-        }
-        let ip = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>();
-        ip.is_ok_and(|ip| ip.is_loopback() || self.extra.contains(&ip))
-    }
+    name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name).parse::<IpAddr>().is_ok()
 }
 
 fn strip_port(host: &str) -> &str {
@@ -69,7 +70,7 @@ fn strip_port(host: &str) -> &str {
 pub(crate) type App = Guarded<Router>;
 
 /// The application: the routes wrapped in [`Guarded`]. Tests drive it with `oneshot`.
-pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> App {
+pub(crate) fn router(broker: Arc<Broker>) -> App {
     let routes = Router::new()
         .route(imds::PATH, get(imds::token))
         // msal-node (and so @azure/identity) canonicalises AZURE_POD_IDENTITY_AUTHORITY_HOST + path with a
@@ -85,7 +86,7 @@ pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> App {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(broker.clone());
-    Guarded { inner: routes, hosts: Arc::new(hosts), broker }
+    Guarded { inner: routes, broker }
 }
 
 /// The guards around the routes, in one service: the size guard, then the Host guard, a bounded request
@@ -99,7 +100,6 @@ pub(crate) fn router(broker: Arc<Broker>, hosts: HostPolicy) -> App {
 #[derive(Debug, Clone)]
 pub(crate) struct Guarded<S> {
     inner: S,
-    hosts: Arc<HostPolicy>,
     broker: Arc<Broker>,
 }
 
@@ -116,7 +116,7 @@ impl Application for App {
             app_service::PATH | app_service::PATH_SLASH | app_service::PATH_DOUBLE_SLASH => Route::Msi,
             _ => return None,
         };
-        if size_guard(req).is_some() || host_guard(&self.hosts, req, route).is_some() {
+        if size_guard(req).is_some() || host_guard(req.headers()).is_some() {
             return None;
         }
         let (headers, query) = (req.headers(), req.uri().query());
@@ -150,7 +150,8 @@ where
             _ => Route::Other,
         };
         let dialect = Dialect::for_request(req.method(), path);
-        let refused = size_guard(&req).or_else(|| host_guard(&self.hosts, &req, route));
+        // `/healthz` says nothing but "alive", and probes send any Host: it is the one route exempt.
+        let refused = size_guard(&req).or_else(|| if path == "/healthz" { None } else { host_guard(req.headers()) });
         if let Some(e) = refused {
             return GuardFuture::Refused { answer: Some(e.into_response(dialect)), route };
         }
@@ -216,15 +217,18 @@ fn timed_out(dialect: Dialect) -> Response {
     .into_response(dialect)
 }
 
-/// A `Host` that is not this machine (DNS rebinding); the health routes are exempt (probes send any).
-fn host_guard<B>(hosts: &HostPolicy, req: &http::Request<B>, route: Route) -> Option<RequestError> {
-    let host = req.headers().get(header::HOST).filter(|_| route != Route::Health)?;
-    if host.to_str().is_ok_and(|h| hosts.allows(h)) {
+/// The refusal of a request whose `Host` is a DNS name other than a loopback one ([`host_allowed`]:
+/// DNS rebinding), as a 400; `None` when it may be answered (or carries no `Host`, as HTTP/1.0 allows).
+/// The token listeners apply it to every route but `/healthz`; the metrics listener to `/metrics`.
+pub(crate) fn host_guard(headers: &http::HeaderMap) -> Option<RequestError> {
+    let host = headers.get(header::HOST)?;
+    if host.to_str().is_ok_and(host_allowed) {
         return None;
     }
     let shown: String = String::from_utf8_lossy(host.as_bytes()).chars().take(100).collect();
     Some(RequestError::bad_request(format!(
-        "header Host {shown:?} is not a loopback name or address; tokend only answers requests addressed to this machine"
+        "header Host {shown:?} is not an IP address or a loopback name; tokend only answers requests addressed to \
+         this machine by address or as localhost"
     )))
 }
 
@@ -337,7 +341,7 @@ mod tests {
             &tokio_util::task::TaskTracker::new(),
             &CancellationToken::new(),
         );
-        (router(broker, HostPolicy::default()), dir)
+        (router(broker), dir)
     }
 
     async fn call(app: &App, req: axum::http::Request<Body>) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
@@ -495,6 +499,20 @@ mod tests {
         assert_eq!((status, body["error"].as_str()), (StatusCode::URI_TOO_LONG, Some("invalid_request")));
         let (status, _, body) = call(&app, request("/readyz").body(Body::empty()).expect("req")).await;
         assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ready")));
+        // DNS rebinding: /readyz names identities and resources, so it is guarded; /healthz says nothing.
+        let rebound =
+            |path: &str| axum::http::Request::get(path).header(header::HOST, "attacker.example").body(Body::empty());
+        let (status, _, body) = call(&app, rebound("/readyz").expect("req")).await;
+        assert!(
+            status == StatusCode::BAD_REQUEST && body["error_description"].as_str().is_some_and(|d| d.contains("Host")),
+            "{status} {body}"
+        );
+        let (status, _, body) = call(&app, rebound("/healthz").expect("req")).await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("alive")));
+        for host in ["10.1.2.3:50342", "[fd00::1]:50342", "localhost:50342"] {
+            let req = axum::http::Request::get("/readyz").header(header::HOST, host).body(Body::empty()).expect("req");
+            assert_eq!(call(&app, req).await.0, StatusCode::OK, "{host}");
+        }
     }
 
     /// App Service 2017 / Azure ML (`secret`, `clientid`) and the Cloud Shell POST, at the App Service path.
@@ -593,7 +611,7 @@ mod tests {
     async fn a_request_that_outlives_the_timer_gets_a_503_in_its_dialect() {
         let never = Router::new().fallback(std::future::pending::<Response>);
         let (app, _dir) = app();
-        let guarded = Guarded { inner: never, hosts: Arc::new(HostPolicy::default()), broker: app.broker };
+        let guarded = Guarded { inner: never, broker: app.broker };
         let started = tokio::time::Instant::now();
         let (status, headers, body) =
             call(&guarded, request("/msi/token?resource=r").body(Body::empty()).expect("req")).await;
@@ -609,8 +627,7 @@ mod tests {
     }
 
     #[test]
-    fn host_policy() {
-        let p = HostPolicy::for_listen(&["10.1.2.3:80".parse().expect("addr")]);
+    fn host_names_and_addresses() {
         for ok in [
             "127.0.0.1",
             "127.0.0.1:50342",
@@ -621,19 +638,26 @@ mod tests {
             "[::1]",
             "127.9.9.9:1",
             "10.1.2.3",
+            "10.1.2.4:9464",
+            "[fd00::2]:1",
+            "169.254.169.254",
+            "0.0.0.0:50342",
         ] {
-            assert!(p.allows(ok), "{ok}");
+            assert!(host_allowed(ok), "{ok}");
         }
         for bad in [
             "evil.example",
             "evil.example:50342",
             "localhost.evil.example",
-            "10.1.2.4",
-            "[::2]:1",
             "",
             "127.0.0.1.nip.io",
+            "10.1.2.3.nip.io:80",
+            "[evil.example]",
+            "0x7f.1",
+            "2130706433",
+            "[fe80::1%25eth0]",
         ] {
-            assert!(!p.allows(bad), "{bad}");
+            assert!(!host_allowed(bad), "{bad}");
         }
     }
 }

@@ -15,6 +15,7 @@ mod credentials;
 mod failures;
 mod hostile;
 mod layers;
+mod limits;
 mod netns;
 mod operations;
 mod readme;
