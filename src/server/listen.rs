@@ -312,6 +312,7 @@ async fn accept_loop<A: Application>(
     // request on a keep-alive connection, which cost ~7% of the throughput (BENCHMARKS.md).
     http.header_read_timeout(None::<Duration>).max_buf_size(limits.max_head_bytes).keep_alive(true);
     let on = listener.describe();
+    let (mut listener_full, mut caller_full) = (Throttled::default(), Throttled::default());
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
@@ -328,7 +329,9 @@ async fn accept_loop<A: Application>(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             let answered = refusals.refuse(stream, Limit::Listener { max: limits.max_connections });
-            tracing::warn!(%peer, max = limits.max_connections, answered, "connection limit reached; refusing a new connection (503)");
+            if let Some(more) = listener_full.due() {
+                tracing::warn!(%peer, max = limits.max_connections, answered, more_since_last = more, "connection limit reached; refusing new connections (503; logged at most every 10 s)");
+            }
             continue;
         };
         // The caller, once per connection, before its first request is read.
@@ -340,7 +343,9 @@ async fn accept_loop<A: Application>(
             drop(permit);
             let max = limits.max_connections_per_caller;
             let answered = refusals.refuse(stream, Limit::PerCaller { caller, max });
-            tracing::warn!(%peer, %caller, max, answered, "per-caller connection limit reached; refusing a new connection (429)");
+            if let Some(more) = caller_full.due() {
+                tracing::warn!(%peer, %caller, max, answered, more_since_last = more, "per-caller connection limit reached; refusing new connections (429; logged at most every 10 s)");
+            }
             continue;
         };
         let process = match caller {
@@ -366,6 +371,28 @@ async fn accept_loop<A: Application>(
             }
             drop((permit, slot));
         });
+    }
+}
+
+/// A warning a flood would repeat per connection, written at most once per [`Throttled::EVERY`].
+#[derive(Debug, Default)]
+struct Throttled {
+    last: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl Throttled {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(how many were not logged since the last one)` when this one is to be logged.
+    fn due(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        if self.last.is_some_and(|last| now.duration_since(last) < Self::EVERY) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 

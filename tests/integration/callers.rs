@@ -393,7 +393,7 @@ async fn one_callers_burst_is_rate_limited_while_another_is_served() {
 async fn every_decision_is_audited_without_tokens() {
     let idp = Idp::start(3600).await;
     let mut o = Opts::new(&idp);
-    o.extra = "[access]\nrate_limit = \"3/m\"\n[[access.rule]]\nuids = [0]\nidentities = [\"default\"]\nresources = [\"https://storage.azure.com\", \"https://forbidden-1.example\"]\n[audit]\npath = \"audit.jsonl\"\n".into();
+    o.extra = "[access]\nrate_limit = \"4/m\"\n[[access.rule]]\nuids = [0]\nidentities = [\"default\"]\nresources = [\"https://storage.azure.com\", \"https://forbidden-1.example\"]\n[audit]\npath = \"audit.jsonl\"\n".into();
     let t = Tokend::start(&o).await;
     let issued = t.imds(Q).await.json::<Value>().await.expect("json");
     let token = issued["access_token"].as_str().expect("token").to_owned();
@@ -403,7 +403,7 @@ async fn every_decision_is_audited_without_tokens() {
     assert_eq!(
         t.imds(Q).await.status(),
         429,
-        "the fourth allowed request within a minute (3/m; the denied one took none)"
+        "the fifth request within a minute (4/m; the denied and the invalid one took from the budget too)"
     );
     // Another local user, over TCP with curl: the line names its process, found from the socket.
     let uid = test_user("tokendcaller");

@@ -18,7 +18,7 @@ use crate::support::*;
 const ARM: &str = "https://management.azure.com/";
 const QUERY: &str = "api-version=2018-02-01&resource=https://management.azure.com/";
 /// Per schemathesis run; a healthy run takes well under 15 s.
-const RUN_LIMIT: Duration = Duration::from_secs(90);
+const RUN_LIMIT: Duration = Duration::from_secs(240);
 
 /// The schemathesis CLI: `$TOKEND_TEST_SCHEMATHESIS`, else the one scripts/test.sh installs.
 fn schemathesis_exe() -> PathBuf {

@@ -13,6 +13,7 @@ mod container;
 mod contract;
 mod credentials;
 mod failures;
+mod flood;
 mod hostile;
 mod layers;
 mod limits;
