@@ -262,4 +262,98 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o640);
     }
+
+    /// Waits until `path` has `n` lines (or 5 s) and returns them, parsed.
+    fn lines_of(path: &Path, n: usize) -> (String, Vec<serde_json::Value>) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let text = loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.lines().count() >= n || std::time::Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let lines = text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+        (text, lines)
+    }
+
+    fn issued<'a>(resource: &'a str, reason: Option<&'a str>) -> Record<'a> {
+        Record {
+            dialect: "imds",
+            identity: Some("default"),
+            resource: Some(resource),
+            decision: "error",
+            rule: None,
+            cache: None,
+            status: 400,
+            latency_ms: 0.5,
+            token: None,
+            reason,
+        }
+    }
+
+    /// An attacker's resource (echoed in the reason) holding every character a line splitter may take
+    /// for a line end, or a terminal for a control sequence: each is escaped, and the line is one line
+    /// whichever splitter reads it (Python's `str.splitlines` splits at U+0085, U+2028, U+2029 and
+    /// C0 separators; `less` and terminals act on C1 controls such as U+009B CSI).
+    #[test]
+    fn separators_and_controls_are_escaped() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).expect("open");
+        let nasty: String = (0u32..0x20)
+            .chain(0x7f..=0x9f)
+            .chain([0x2028, 0x2029])
+            .filter_map(char::from_u32)
+            .flat_map(|c| ['x', c])
+            .collect::<String>()
+            + "\"\\end";
+        let reason = format!("query parameter resource: {nasty}");
+        let caller = Caller::Known { uid: 1001, gid: None, pid: None, transport: Transport::Tcp };
+        #[allow(clippy::let_unit_value)]
+        let _ = log.record(&caller, None, &issued(&nasty, Some(&reason)));
+        drop(log);
+        let (text, lines) = lines_of(&path, 1);
+        let raw: Vec<String> = text
+            .chars()
+            .filter(|c| {
+                (c.is_control() && *c != '\n') || matches!(c, '\u{2028}' | '\u{2029}')
+            })
+            .map(|c| format!("U+{:04X}", u32::from(c)))
+            .collect();
+        assert!(raw.is_empty(), "written raw: {raw:?}");
+        assert_eq!(text.matches('\n').count(), 1, "one line: {text:?}");
+        for escaped in ["\\u2028", "\\u2029", "\\u0085", "\\u009b", "\\u0000", "\\u007f"] {
+            assert!(text.contains(escaped), "{escaped} missing in {text}");
+        }
+        assert_eq!(lines[0]["resource"].as_str(), Some(nasty.as_str()), "the escapes decode to the original");
+        assert_eq!(lines[0]["reason"].as_str(), Some(reason.as_str()));
+    }
+
+    /// A flood of requests with huge resources cannot grow the log by more than a small bounded
+    /// amount per line: every caller-controlled field is cut (on a character boundary) and says how
+    /// much was cut.
+    #[test]
+    fn caller_controlled_fields_are_capped() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).expect("open");
+        // Two-byte characters, so that a cut at a fixed byte count would split one.
+        let huge = "é".repeat(8000);
+        let reason = format!("query parameter resource: {huge}");
+        let caller = Caller::Unknown(Unknown::NotFound);
+        #[allow(clippy::let_unit_value)]
+        let _ = log.record(&caller, None, &issued(&huge, Some(&reason)));
+        drop(log);
+        let (text, lines) = lines_of(&path, 1);
+        assert!(text.len() < 1500, "a line of {} bytes", text.len());
+        let resource = lines[0]["resource"].as_str().expect("resource");
+        let (kept, marker) = resource.split_once('…').expect("a cut marker");
+        assert!(kept.len() <= 256 && kept.chars().all(|c| c == 'é'), "{resource}");
+        assert_eq!(marker, format!("(+{} bytes)", huge.len() - kept.len()));
+        let reason_field = lines[0]["reason"].as_str().expect("reason");
+        assert!(reason_field.starts_with("query parameter resource: é") && reason_field.len() < 300, "{reason_field}");
+        assert!(reason_field.ends_with(" bytes)"), "{reason_field}");
+    }
+
 }
