@@ -278,7 +278,8 @@ pub(crate) fn answer_now(
     };
     if let (Some(log), Some(started)) = (audit, started) {
         let resource = checked.as_ref().ok().and_then(|q| q.resource.as_deref());
-        log.record(&asker.caller, asker.process.clone(), &audit_record(dialect, resource, &seen, &result, started));
+        // STUB(coordinator): the request path's answer to `Err` (503 with `refuses()`) is the coordinator's.
+        let _ = log.record(&asker.caller, asker.process.clone(), &audit_record(dialect, resource, &seen, &result, started));
     }
     Some(result)
 }
@@ -313,7 +314,8 @@ async fn answer_waiting(
         tracing::debug!(%caller, "the caller's process lookup is slow; answering without waiting for it");
     }
     if let (Some(log), Some(started)) = (audit, started) {
-        log.record(caller, process.cloned(), &audit_record(dialect, raw_resource, &seen, &result, started));
+        // STUB(coordinator): see `answer_now`.
+        let _ = log.record(caller, process.cloned(), &audit_record(dialect, raw_resource, &seen, &result, started));
     }
     result
 }
@@ -341,6 +343,7 @@ fn audit_record<'r>(
         decision,
         rule: seen.rule,
         cache: seen.cache_hit.map(|hit| if hit { "hit" } else { "fetch" }),
+        on_demand: false,
         status,
         latency_ms: started.elapsed().as_secs_f64() * 1000.0,
         token: seen.token.as_deref().map(AccessToken::fingerprint),
