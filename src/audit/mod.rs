@@ -231,6 +231,8 @@ impl Shared {
 }
 
 /// Messages to the writer.
+// Not boxed: the queue's slots are allocated once, a box would be one more allocation per line.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     /// A line.
     Line(Entry),
@@ -329,11 +331,7 @@ impl AuditLog {
     #[cfg(test)]
     fn counts(&self) -> (u64, u64, u64) {
         let [full, failed] = &self.shared.dropped;
-        (
-            self.shared.written.load(Ordering::Relaxed),
-            full.load(Ordering::Relaxed),
-            failed.load(Ordering::Relaxed),
-        )
+        (self.shared.written.load(Ordering::Relaxed), full.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
     }
 }
 

@@ -113,9 +113,7 @@ fn separators_and_controls_are_escaped() {
     let (text, lines) = lines_of(&path, 1);
     let raw: Vec<String> = text
         .chars()
-        .filter(|c| {
-            (c.is_control() && *c != '\n') || matches!(c, '\u{2028}' | '\u{2029}')
-        })
+        .filter(|c| (c.is_control() && *c != '\n') || matches!(c, '\u{2028}' | '\u{2029}'))
         .map(|c| format!("U+{:04X}", u32::from(c)))
         .collect();
     assert!(raw.is_empty(), "written raw: {raw:?}");
@@ -151,7 +149,6 @@ fn caller_controlled_fields_are_capped() {
     assert!(reason_field.starts_with("query parameter resource: é") && reason_field.len() < 300, "{reason_field}");
     assert!(reason_field.ends_with(" bytes)"), "{reason_field}");
 }
-
 
 /// A settings with short intervals, for tests.
 fn quick(on_failure: OnFailure) -> Settings {
@@ -409,10 +406,8 @@ fn rate_limited_floods_become_one_summary_per_caller_and_interval() {
     let (text, lines) = lines_of(&path, 8);
     assert_eq!(lines.len(), 8, "{text}");
     let who = |l: &serde_json::Value| l["caller"]["uid"].as_u64().map_or("unknown".to_owned(), |u| u.to_string());
-    let summary: Vec<(String, &str, Option<u64>)> = lines
-        .iter()
-        .map(|l| (who(l), l["decision"].as_str().unwrap_or_default(), l["count"].as_u64()))
-        .collect();
+    let summary: Vec<(String, &str, Option<u64>)> =
+        lines.iter().map(|l| (who(l), l["decision"].as_str().unwrap_or_default(), l["count"].as_u64())).collect();
     let s = |w: &str, d: &'static str, c: Option<u64>| (w.to_owned(), d, c);
     assert_eq!(
         summary,

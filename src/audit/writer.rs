@@ -199,8 +199,6 @@ fn user_name<'a>(users: &'a mut HashMap<u32, Option<String>>, caller: &Caller) -
     let Caller::Known { uid, .. } = caller else { return None };
     users
         .entry(*uid)
-        .or_insert_with(|| {
-            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(*uid)).ok().flatten().map(|u| u.name)
-        })
+        .or_insert_with(|| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(*uid)).ok().flatten().map(|u| u.name))
         .as_deref()
 }

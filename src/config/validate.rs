@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{RawAudit, RawConfig, RawMetrics, RawServer, RawTokens, RawUpstream};
-use super::{AuditConfig, Config, ConfigError, DEFAULT_IDENTITY_HEADER_FILE, DEFAULT_LISTEN, IdentityHeaderSource, ServerConfig};
+use super::{
+    AuditConfig, Config, ConfigError, DEFAULT_IDENTITY_HEADER_FILE, DEFAULT_LISTEN, IdentityHeaderSource, ServerConfig,
+};
 use super::{DEFAULT_SOCKET_MODE, TokensConfig, UnixSocketConfig, UpstreamConfig};
 use crate::access::Rate;
 use crate::audit::OnFailure;
@@ -116,10 +118,9 @@ impl<'a> Validator<'a> {
         let path = match raw.path {
             Some(p) if !p.as_os_str().is_empty() => self.resolve(&p),
             _ => {
-                return Err(self.err(
-                    "audit.path",
-                    "missing; give the audit log's file, e.g. \"/var/log/tokend/audit.jsonl\"",
-                ));
+                return Err(
+                    self.err("audit.path", "missing; give the audit log's file, e.g. \"/var/log/tokend/audit.jsonl\"")
+                );
             }
         };
         let on_failure = match raw.on_failure.as_deref() {

@@ -279,7 +279,8 @@ pub(crate) fn answer_now(
     if let (Some(log), Some(started)) = (audit, started) {
         let resource = checked.as_ref().ok().and_then(|q| q.resource.as_deref());
         // STUB(coordinator): the request path's answer to `Err` (503 with `refuses()`) is the coordinator's.
-        let _ = log.record(&asker.caller, asker.process.clone(), &audit_record(dialect, resource, &seen, &result, started));
+        let _ =
+            log.record(&asker.caller, asker.process.clone(), &audit_record(dialect, resource, &seen, &result, started));
     }
     Some(result)
 }
