@@ -61,7 +61,7 @@
 //! lines: logrotate's `create` + `postrotate` loses nothing (deploy/README.md).
 
 mod entry;
-mod render;
+pub(crate) mod render;
 mod summary;
 mod writer;
 
@@ -197,8 +197,9 @@ impl Settings {
 struct Shared {
     /// The last write failed and none has succeeded since.
     failing: AtomicBool,
-    /// Reopen the path before the next write.
-    reopen: AtomicBool,
+    /// Reopens asked for, and done (the writer reopens when `reopen_done < reopen_asked`).
+    reopen_asked: AtomicU64,
+    reopen_done: AtomicU64,
     /// Lines written.
     written: AtomicU64,
     /// Lines dropped, by [`AuditLoss`].
@@ -236,7 +237,7 @@ impl Shared {
 enum Message {
     /// A line.
     Line(Entry),
-    /// Nothing: look at [`Shared::reopen`] now.
+    /// Nothing: look at [`Shared::reopen_asked`] now.
     Wake,
 }
 
@@ -317,19 +318,26 @@ impl AuditLog {
         self.refuse
     }
 
-    /// Makes the writer reopen the path before its next line (after a rotation moved the file away),
-    /// creating it with mode 0640 if it is missing.
-    pub(crate) fn reopen(&self) {
-        self.shared.reopen.store(true, Ordering::Relaxed);
+    /// Makes the writer reopen the path between two lines, as soon as it has written what is queued
+    /// now (after a rotation moved the file away), creating it with mode 0640 if it is missing. The
+    /// ticket tells [`AuditLog::reopened`] when it is done.
+    pub(crate) fn reopen(&self) -> u64 {
+        let ticket = self.shared.reopen_asked.fetch_add(1, Ordering::AcqRel) + 1;
         if let Some(tx) = &self.tx {
             // A full queue wakes the writer anyway.
             let _ = tx.try_send(Message::Wake);
         }
+        ticket
+    }
+
+    /// Whether the reopen of `ticket` (or a later one) is done: lines queued after this go to the
+    /// reopened file.
+    pub(crate) fn reopened(&self, ticket: u64) -> bool {
+        self.shared.reopen_done.load(Ordering::Acquire) >= ticket
     }
 
     /// Lines written, dropped because the queue was full, dropped because they could not be written.
-    #[cfg(test)]
-    fn counts(&self) -> (u64, u64, u64) {
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
         let [full, failed] = &self.shared.dropped;
         (self.shared.written.load(Ordering::Relaxed), full.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
     }

@@ -357,12 +357,13 @@ fn reopen_follows_a_rename() {
             let (text, _) = lines_of(&path, 100);
             assert_eq!(text.lines().count(), 100);
             std::fs::rename(&path, d.path().join(format!("audit.jsonl.{}", round + 1))).expect("rename");
-            log.reopen();
+            let ticket = log.reopen();
             let deadline = Instant::now() + Duration::from_secs(5);
-            while !path.exists() {
+            while !log.reopened(ticket) {
                 assert!(Instant::now() < deadline, "not reopened");
                 std::thread::sleep(Duration::from_millis(5));
             }
+            assert!(path.exists(), "created again");
         }
     }
     drop(log);

@@ -75,9 +75,11 @@ impl Writer {
                 }
             }
             self.flush();
-            if self.shared.reopen.swap(false, Ordering::Relaxed) {
+            let asked = self.shared.reopen_asked.load(Ordering::Acquire);
+            if asked > self.shared.reopen_done.load(Ordering::Relaxed) {
                 self.reopen();
                 self.flush();
+                self.shared.reopen_done.store(asked, Ordering::Release);
             }
         }
         self.clock = (Instant::now(), SystemTime::now());

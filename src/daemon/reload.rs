@@ -23,6 +23,9 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::secret::fingerprint;
 
+/// How long a SIGHUP waits for the audit log's writer to reopen the file.
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
+
 /// How often credential files are checked for changes.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -90,9 +93,18 @@ pub(crate) async fn run(path: Option<PathBuf>, initial: Config, broker: Arc<Brok
         let reason = tokio::select! {
             () = cancel.cancelled() => return,
             _ = hangup => {
-                // A rotation's postrotate: the audit log is reopened whether or not the file reloads.
+                // A rotation's postrotate: the audit log is reopened whether or not the file reloads,
+                // before the verdict (`tokend reload` returns once the old file is no longer written).
                 if let Some(log) = broker.audit() {
-                    log.reopen();
+                    let ticket = log.reopen();
+                    let reopened = async {
+                        while !log.reopened(ticket) {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                    };
+                    if tokio::time::timeout(REOPEN_WAIT, reopened).await.is_err() {
+                        tracing::warn!("the audit log was not reopened within 2 s; its writer still will");
+                    }
                 }
                 "SIGHUP".to_owned()
             }
