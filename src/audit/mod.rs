@@ -43,7 +43,8 @@
 //! written as `\uXXXX`, so that no line splitter or terminal sees a line end or a control sequence in a
 //! caller's text. Every string a caller can influence (identity, resource, reason, the process's
 //! executable, command, unit and container) is cut at [`FIELD_CAP`] bytes on a character boundary,
-//! marked `…(+N bytes)`: a line stays under about 2 KiB whatever the caller sends.
+//! marked `…(+N bytes)` (before escaping: a cut string is at most six times as long escaped): a line
+//! stays under about 2 KiB of printable text, under 16 KiB whatever the caller sends.
 //!
 //! # Nothing lost silently
 //!
@@ -99,7 +100,7 @@ pub(crate) const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const PENDING_CAP: usize = 8 << 20;
 
 /// How long shutdown waits for the writer to write what is queued.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
 /// `[audit] on_failure`: what a request whose line cannot be audited gets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -433,3 +433,24 @@ fn rate_limited_floods_become_one_summary_per_caller_and_interval() {
         assert_eq!((&l["status"], &l["resource"]), (&429.into(), &"https://storage.azure.com".into()));
     }
 }
+
+/// The longest line a caller can cause: every caller-controlled string long and made of characters
+/// that escape to six bytes. Still bounded (under 16 KiB), however long the caller's input.
+#[test]
+fn the_worst_line_is_bounded() {
+    let worst = "\u{1}".repeat(100_000);
+    let p = crate::process::Process {
+        pid: 7,
+        exe: Some(worst.clone()),
+        command: Some(worst.clone()),
+        unit: Some(worst.clone()),
+        container: Some(worst.clone()),
+    };
+    let record = Record { identity: Some(&worst), ..errored(&worst, Some(&worst)) };
+    let entry = Entry::new(&uid(1001), None, &record, Instant::now());
+    let mut out = Vec::new();
+    render::line(&mut out, &entry, std::time::SystemTime::now(), Some(&worst), render::ProcessSeen::Found(&p), None);
+    assert!(out.len() < 16 << 10, "{} bytes", out.len());
+    let line: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    assert!(line["resource"].as_str().is_some_and(|r| r.ends_with(&format!("…(+{} bytes)", 100_000 - 256))));
+}
