@@ -1,5 +1,7 @@
 //! Entry points for the benchmarks in `benches/` (not a stable API): the per-connection caller lookups,
-//! which are private to the crate otherwise.
+//! which are private to the crate otherwise; [`audit`] the audit line's costs.
+
+pub mod audit;
 
 use std::net::SocketAddr;
 

@@ -251,7 +251,7 @@ fn dev_config(issuer: &DevIssuer, listen: SocketAddr) -> anyhow::Result<Config> 
         upstream: UpstreamConfig::default(),
         identities: vec![identity],
         access: None,
-        audit_path: None,
+        audit: None,
         metrics_listen: None,
         warnings: Vec::new(),
         watched: Vec::new(),

@@ -78,6 +78,33 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// Why an audit line was lost (the `reason` label of `tokend_audit_lines_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuditLoss {
+    /// The writer's queue was full (or the writer gone).
+    QueueFull,
+    /// The file could not be written.
+    WriteFailed,
+}
+
+impl AuditLoss {
+    /// Every reason, in discriminant order (`reason as usize` indexes it).
+    pub(crate) const ALL: [Self; 2] = [Self::QueueFull, Self::WriteFailed];
+
+    /// The label value.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::WriteFailed => "write_failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
@@ -109,6 +136,8 @@ pub(crate) struct Metrics {
     denied: Counter,
     rate_limited: Counter,
     too_many_resources: Counter,
+    audit_written: Counter,
+    audit_dropped: [Counter; AuditLoss::ALL.len()],
     clock_skew: Gauge<f64, AtomicU64>,
     token_remaining: Family<TokenLabels, Gauge<f64, AtomicU64>>,
     token_servable: Family<TokenLabels, Gauge>,
@@ -182,6 +211,16 @@ impl Metrics {
             "Token requests for a new on-demand resource refused by the per-caller or total caps or the adding rate (429)",
             too_many_resources.clone(),
         );
+        let audit_written = Counter::default();
+        registry.register("audit_lines_written", "Lines written to the audit log", audit_written.clone());
+        let audit_family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "audit_lines_dropped",
+            "Audit lines lost: the writer's queue was full (queue_full) or the file could not be written (write_failed)",
+            audit_family.clone(),
+        );
+        let audit_dropped =
+            AuditLoss::ALL.map(|why| audit_family.get_or_create(&ReasonLabel { reason: why.label() }).clone());
         let clock_skew = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "idp_clock_skew_seconds",
@@ -236,6 +275,8 @@ impl Metrics {
             denied,
             rate_limited,
             too_many_resources,
+            audit_written,
+            audit_dropped,
             clock_skew,
             token_remaining,
             token_servable,
@@ -308,6 +349,16 @@ impl Metrics {
     /// A new on-demand resource refused (caps or adding rate).
     pub(crate) fn on_demand_refused(&self) {
         self.too_many_resources.inc();
+    }
+
+    /// `lines` written to the audit log.
+    pub(crate) fn audit_written(&self, lines: u64) {
+        self.audit_written.inc_by(lines);
+    }
+
+    /// `lines` audit lines lost, and why.
+    pub(crate) fn audit_dropped(&self, why: AuditLoss, lines: u64) {
+        self.audit_dropped[why as usize].inc_by(lines);
     }
 
     /// The identity provider's clock minus ours.
@@ -391,6 +442,8 @@ mod tests {
         m.served(true);
         m.upstream(Duration::from_millis(30), Some(4));
         m.reloaded(false);
+        m.audit_written(3);
+        m.audit_dropped(AuditLoss::WriteFailed, 2);
         let text = m.encode(|s| {
             s.token("default", "https://storage.azure.com", Some(Duration::from_secs(3000)), true);
             s.on_demand(2);
@@ -405,6 +458,9 @@ mod tests {
             "tokend_token_servable{identity=\"default\",resource=\"https://storage.azure.com\"} 1",
             "tokend_on_demand_entries 2",
             "tokend_upstream_request_duration_seconds_count 1",
+            "tokend_audit_lines_written_total 3",
+            "tokend_audit_lines_dropped_total{reason=\"queue_full\"} 0",
+            "tokend_audit_lines_dropped_total{reason=\"write_failed\"} 2",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::access::{Access, Rate};
+use crate::audit::OnFailure;
 use crate::identity::Identity;
 use raw::RawConfig;
 use validate::Validator;
@@ -150,6 +151,15 @@ impl Default for UpstreamConfig {
     }
 }
 
+/// `[audit]`: the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AuditConfig {
+    /// `path`, resolved.
+    pub(crate) path: PathBuf,
+    /// `on_failure`.
+    pub(crate) on_failure: OnFailure,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -165,8 +175,8 @@ pub(crate) struct Config {
     pub(crate) identities: Vec<Identity>,
     /// `[access]`; `None` when the file has none (every local caller may get every token).
     pub(crate) access: Option<Access>,
-    /// `[audit] path`, resolved.
-    pub(crate) audit_path: Option<PathBuf>,
+    /// `[audit]`, if the file has it.
+    pub(crate) audit: Option<AuditConfig>,
     /// `[metrics] listen`.
     pub(crate) metrics_listen: Option<SocketAddr>,
     /// Things worth a warning that are not errors (e.g. a secret file others can read).

@@ -44,6 +44,8 @@ pub(super) struct RawMetrics {
 pub(super) struct RawAudit {
     /// The JSON-lines file, appended to (created with mode 0640).
     pub path: Option<PathBuf>,
+    /// `"drop"` (default) or `"refuse"`: what a request whose line cannot be audited gets.
+    pub on_failure: Option<String>,
 }
 
 /// `[access]`

@@ -53,6 +53,11 @@ fn shipped_example_parses() {
     let text = text.replace("/etc/tokend/client-secret", "secret");
     let c = d.load(&text).expect("example config is valid");
     assert!(!c.identities.is_empty());
+    // The commented [audit] table, as documented, is valid too.
+    let audit = "# [audit]\n# path = \"/var/log/tokend/audit.jsonl\"\n# on_failure";
+    assert!(text.contains(audit), "the example documents [audit] on_failure");
+    let c = d.load(&text.replace(audit, "[audit]\npath = \"audit.jsonl\"\non_failure")).expect("valid");
+    assert_eq!(c.audit.map(|a| a.on_failure), Some(crate::audit::OnFailure::Drop));
 }
 
 #[test]
@@ -252,9 +257,26 @@ fn on_demand_rate_is_validated() {
 fn audit_path_is_resolved_and_required() {
     let d = Dir::new();
     let c = d.load(&format!("{MINIMAL}\n[audit]\npath = \"audit.jsonl\"\n")).expect("valid");
-    assert_eq!(c.audit_path, Some(d.0.path().join("audit.jsonl")));
+    let audit = c.audit.expect("[audit]");
+    assert_eq!(audit.path, d.0.path().join("audit.jsonl"));
+    assert_eq!(audit.on_failure, crate::audit::OnFailure::Drop, "the default");
     let m = message(d.load(&format!("{MINIMAL}\n[audit]\n")));
     assert!(m.contains("audit.path") && m.contains("missing"), "{m}");
+}
+
+#[test]
+fn audit_on_failure_is_drop_or_refuse() {
+    let d = Dir::new();
+    let with = |v: &str| d.load(&format!("{MINIMAL}\n[audit]\npath = \"audit.jsonl\"\non_failure = {v}\n"));
+    let refuse = with("\"refuse\"").expect("valid").audit.expect("[audit]");
+    assert_eq!(refuse.on_failure, crate::audit::OnFailure::Refuse);
+    assert_eq!(with("\"drop\"").expect("valid").audit.map(|a| a.on_failure), Some(crate::audit::OnFailure::Drop));
+    for bad in ["\"block\"", "\"Refuse\"", "\"\""] {
+        let m = message(with(bad));
+        assert!(m.contains("audit.on_failure") && m.contains("refuse"), "{bad}: {m}");
+    }
+    let m = message(with("true"));
+    assert!(m.contains("on_failure"), "{m}");
 }
 
 #[test]

@@ -6,10 +6,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawMetrics, RawServer, RawTokens, RawUpstream};
-use super::{Config, ConfigError, DEFAULT_IDENTITY_HEADER_FILE, DEFAULT_LISTEN, IdentityHeaderSource, ServerConfig};
+use super::raw::{RawAudit, RawConfig, RawMetrics, RawServer, RawTokens, RawUpstream};
+use super::{
+    AuditConfig, Config, ConfigError, DEFAULT_IDENTITY_HEADER_FILE, DEFAULT_LISTEN, IdentityHeaderSource, ServerConfig,
+};
 use super::{DEFAULT_SOCKET_MODE, TokensConfig, UnixSocketConfig, UpstreamConfig};
 use crate::access::Rate;
+use crate::audit::OnFailure;
 use crate::identity::Identity;
 use crate::net::{host_is_loopback, is_imds_ip};
 
@@ -96,18 +99,7 @@ impl<'a> Validator<'a> {
         };
         self.check_unambiguous(&identities)?;
         let access = raw.access.map(|a| self.access(a, &identities)).transpose()?;
-        let audit_path = match raw.audit {
-            None => None,
-            Some(a) => match a.path {
-                Some(p) if !p.as_os_str().is_empty() => Some(self.resolve(&p)),
-                _ => {
-                    return Err(self.err(
-                        "audit.path",
-                        "missing; give the audit log's file, e.g. \"/var/log/tokend/audit.jsonl\"",
-                    ));
-                }
-            },
-        };
+        let audit = raw.audit.map(|a| self.audit(a)).transpose()?;
         Ok(Config {
             source: self.path,
             server,
@@ -115,11 +107,32 @@ impl<'a> Validator<'a> {
             upstream,
             identities,
             access,
-            audit_path,
+            audit,
             metrics_listen,
             warnings: self.warnings,
             watched: self.watched,
         })
+    }
+
+    fn audit(&self, raw: RawAudit) -> Result<AuditConfig, ConfigError> {
+        let path = match raw.path {
+            Some(p) if !p.as_os_str().is_empty() => self.resolve(&p),
+            _ => {
+                return Err(
+                    self.err("audit.path", "missing; give the audit log's file, e.g. \"/var/log/tokend/audit.jsonl\"")
+                );
+            }
+        };
+        let on_failure = match raw.on_failure.as_deref() {
+            None => OnFailure::default(),
+            Some(text) => OnFailure::parse(text).ok_or_else(|| {
+                self.err(
+                    "audit.on_failure",
+                    format!("{text:?} is not \"drop\" (serve, count the lost line) or \"refuse\" (answer 503)"),
+                )
+            })?,
+        };
+        Ok(AuditConfig { path, on_failure })
     }
 
     fn metrics(&self, raw: RawMetrics, server: &ServerConfig) -> Result<SocketAddr, ConfigError> {

@@ -59,12 +59,12 @@ pub(crate) fn prepare(mut config: Config) -> Result<Prepared, ConfigError> {
             message,
         })?;
     }
-    let audit = match &config.audit_path {
+    let audit = match &config.audit {
         None => None,
-        Some(path) => Some(AuditLog::open(path).map_err(|e| ConfigError::Invalid {
+        Some(a) => Some(AuditLog::open(&a.path, a.on_failure).map_err(|e| ConfigError::Invalid {
             path: config.source.clone(),
             key: "audit.path".to_owned(),
-            message: format!("cannot open {}: {e}", path.display()),
+            message: format!("cannot open {}: {e}", a.path.display()),
         })?),
     };
     for w in &config.warnings {

@@ -3,7 +3,7 @@
 //! - Credential files (client secrets, certificates, PFX passwords; [`Config::watched`]) are polled every
 //!   [`POLL_INTERVAL`]: a changed content triggers a reload, so a rotated secret or certificate is picked
 //!   up within seconds.
-//! - SIGHUP reloads the whole file the same way.
+//! - SIGHUP reloads the whole file the same way, and reopens the audit log (after a rotation moved it).
 //! - Either way systemd hears `RELOADING=1` … `READY=1`, and `tokend reload` the outcome ([`super::systemd`]).
 //!
 //! A reload validates the new configuration completely first ([`Config::load`]: files read, certificates
@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::secret::fingerprint;
+
+/// How long a SIGHUP waits for the audit log's writer to reopen the file.
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
 
 /// How often credential files are checked for changes.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -47,8 +50,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.server.max_connections_per_caller != new.server.max_connections_per_caller {
         out.push("server.max_connections_per_caller");
     }
-    if old.audit_path != new.audit_path {
+    if old.audit.as_ref().map(|a| &a.path) != new.audit.as_ref().map(|a| &a.path) {
         out.push("audit.path");
+    }
+    if old.audit.as_ref().map(|a| a.on_failure) != new.audit.as_ref().map(|a| a.on_failure) {
+        out.push("audit.on_failure");
     }
     if old.metrics_listen != new.metrics_listen {
         out.push("metrics.listen");
@@ -86,7 +92,22 @@ pub(crate) async fn run(path: Option<PathBuf>, initial: Config, broker: Arc<Brok
         };
         let reason = tokio::select! {
             () = cancel.cancelled() => return,
-            _ = hangup => "SIGHUP".to_owned(),
+            _ = hangup => {
+                // A rotation's postrotate: the audit log is reopened whether or not the file reloads,
+                // before the verdict (`tokend reload` returns once the old file is no longer written).
+                if let Some(log) = broker.audit() {
+                    let ticket = log.reopen();
+                    let reopened = async {
+                        while !log.reopened(ticket) {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                    };
+                    if tokio::time::timeout(REOPEN_WAIT, reopened).await.is_err() {
+                        tracing::warn!("the audit log was not reopened within 2 s; its writer still will");
+                    }
+                }
+                "SIGHUP".to_owned()
+            }
             _ = tick.tick() => {
                 let now = stamps(&current.watched);
                 if now == seen {

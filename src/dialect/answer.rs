@@ -73,6 +73,7 @@ struct Seen<'s> {
     rule: Option<usize>,
     rate_limited: bool,
     cache_hit: Option<bool>,
+    on_demand: bool,
     token: Option<HeldToken>,
 }
 
@@ -126,7 +127,18 @@ async fn answer_waiting(
             Ok(()) => {
                 // Until the token is there, a client that goes away leaves a `client_gone` line.
                 let resource_asked = checked.as_ref().ok().and_then(|q| q.resource.as_deref());
-                let gone = Gone { broker, asker, dialect, identity, resource: resource_asked, started, armed: true };
+                seen.on_demand = !broker.cache().has(identity, &resource);
+                let on_demand = seen.on_demand;
+                let gone = Gone {
+                    broker,
+                    asker,
+                    dialect,
+                    identity,
+                    resource: resource_asked,
+                    on_demand,
+                    started,
+                    armed: true,
+                };
                 let served = broker.cache().get(&snapshot, &asker.caller, identity, &resource).await;
                 gone.disarm();
                 served
@@ -267,6 +279,7 @@ fn audit_record<'r>(
         decision,
         rule: seen.rule,
         cache: seen.cache_hit.map(|hit| if hit { "hit" } else { "fetch" }),
+        on_demand: seen.on_demand,
         status,
         latency_ms: started.elapsed().as_secs_f64() * 1000.0,
         token: seen.token.as_deref().map(AccessToken::fingerprint),
@@ -282,6 +295,7 @@ struct Gone<'a> {
     dialect: Dialect,
     identity: &'a Identity,
     resource: Option<&'a str>,
+    on_demand: bool,
     started: Option<Instant>,
     armed: bool,
 }
@@ -309,6 +323,7 @@ impl Drop for Gone<'_> {
             rule: None,
             // It was charged to the rate limit and woke (or created) the entry's refresher.
             cache: Some("fetch"),
+            on_demand: self.on_demand,
             status: CLIENT_GONE,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             token: None,

@@ -4,6 +4,7 @@
 // Helpers are `pub` for the sibling test modules of this one binary.
 #![allow(unreachable_pub)]
 
+mod audit;
 mod azcli;
 mod azureml;
 mod callers;

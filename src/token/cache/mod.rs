@@ -396,6 +396,11 @@ impl TokenCache {
 
     /// A token for `resource` as `identity` (selected from `snapshot`) with more than `min_lifetime`
     /// left, waiting at most `max_wait` when none is cached.
+    /// Whether an entry for `identity` and `resource` exists (configured, or added on demand before).
+    pub(crate) fn has(&self, identity: &Identity, resource: &Resource) -> bool {
+        self.inner.entries.read().get(&(identity.name.as_str(), resource.as_str()) as &dyn KeyView).is_some()
+    }
+
     pub(crate) async fn get(
         &self,
         snapshot: &Snapshot,
