@@ -51,6 +51,9 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v podman >/dev/null 2>&1 || missing+=(podman)
 command -v runc >/dev/null 2>&1 || missing+=(runc)
 command -v catatonit >/dev/null 2>&1 || [[ -x /usr/libexec/podman/catatonit ]] || missing+=(catatonit)
+[[ -e /usr/lib/softhsm/libsofthsm2.so ]] || missing+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || missing+=(opensc)
+[[ -n "$(find /usr/lib -name pkcs11.so -path '*engines*' 2>/dev/null | head -1)" ]] || missing+=(libengine-pkcs11-openssl)
 if ((${#missing[@]})); then
     if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         banner "Installing Debian packages: ${missing[*]}"

@@ -15,7 +15,10 @@
 //! - **A refused PIN is never tried again.** HSMs and TPMs lock after a few wrong PINs. A PIN the token
 //!   refused (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, …) is remembered for the life of the process (a
 //!   short hash of it, per token); a later load or signing attempt with the same PIN fails at once
-//!   without calling `C_Login`. A changed PIN file is tried (once).
+//!   without calling `C_Login`. Login is per token for the whole process: while a key is in use, a
+//!   reload with a *different* PIN cannot check it (`C_Login` would answer
+//!   `CKR_USER_ALREADY_LOGGED_IN` whatever it is), so that reload is rejected and a new PIN takes a
+//!   restart; the same PIN reloads fine.
 //! - Sessions are opened without cryptoki's close-on-drop and closed only in the context that opened
 //!   them: after a re-initialisation an old session handle may name another key's new session.
 
@@ -285,6 +288,15 @@ pub(crate) enum TokenError {
         /// The token's label.
         token: String,
     },
+    /// The token is logged in (for the running key) with another PIN, which cannot be checked now.
+    #[error(
+        "token {token:?} is logged in with another PIN (the running key's), so this one cannot be checked \
+         without logging the running key out; a new PIN takes effect with a restart of tokend"
+    )]
+    OtherPin {
+        /// The token's label.
+        token: String,
+    },
     /// This PIN was refused before; it is not tried again.
     #[error(
         "C_Login: {code} earlier with this PIN; tokend does not try a refused PIN again (HSMs and TPMs lock \
@@ -362,6 +374,10 @@ struct ModuleState {
     generation: u64,
     /// (token serial and label, PIN hash) the token refused → the code it answered.
     refused: HashMap<(String, String), String>,
+    /// Token serial and label → the hash of the PIN it is logged in with. Login is per token for
+    /// the whole process, so while a key is in use a second `C_Login` answers
+    /// `CKR_USER_ALREADY_LOGGED_IN` whatever the PIN: a different PIN cannot be checked then.
+    logged_in: HashMap<String, String>,
 }
 
 impl fmt::Debug for ModuleState {
@@ -378,7 +394,14 @@ impl Module {
         let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let mut map = MODULES.get_or_init(Mutex::default).lock();
         Arc::clone(map.entry(key).or_insert_with(|| {
-            Arc::new(Module { state: Mutex::new(ModuleState { ctx: None, generation: 0, refused: HashMap::new() }) })
+            Arc::new(Module {
+                state: Mutex::new(ModuleState {
+                    ctx: None,
+                    generation: 0,
+                    refused: HashMap::new(),
+                    logged_in: HashMap::new(),
+                }),
+            })
         }))
     }
 }
@@ -411,6 +434,7 @@ impl ModuleState {
         {
             tracing::debug!("C_Finalize: {e}");
         }
+        self.logged_in.clear();
         self.generation += 1;
     }
 }
@@ -547,19 +571,32 @@ impl Drop for TokenKey {
 fn connect(uri: &KeyUri, pin: &SecretString, state: &mut ModuleState) -> Result<(Open, KeyFacts), TokenError> {
     let ctx = state.context(&uri.module)?;
     let (slot, token) = find_token(&ctx, uri)?;
-    let refusal =
-        (format!("{}/{}", token.serial, token.token), crate::secret::fingerprint(pin.expose_secret().as_bytes()));
+    let token_id = format!("{}/{}", token.serial, token.token);
+    let pin_hash = crate::secret::fingerprint(pin.expose_secret().as_bytes());
+    let refusal = (token_id.clone(), pin_hash.clone());
     if let Some(code) = state.refused.get(&refusal) {
         return Err(TokenError::PinRefused { code: code.clone() });
     }
     let session = ctx.open_ro_session_no_drop(slot).map_err(TokenError::call)?;
-    let found = login_and_find(&session, uri, pin, &token);
-    match found {
+    let logged_in = match session.login(UserType::User, Some(pin)) {
+        Ok(()) => {
+            state.logged_in.insert(token_id, pin_hash);
+            Ok(())
+        }
+        Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => match state.logged_in.get(&token_id) {
+            Some(hash) if *hash != pin_hash => Err(TokenError::OtherPin { token: token.token.clone() }),
+            _ => Ok(()),
+        },
+        Err(CkError::Pkcs11(rv, f)) if is_pin_refusal(rv) => {
+            let e = TokenError::call(CkError::Pkcs11(rv, f));
+            state.refused.insert(refusal, ckr(rv));
+            Err(e)
+        }
+        Err(e) => Err(TokenError::call(e)),
+    };
+    match logged_in.and_then(|()| find_key(&session, uri, &token)) {
         Ok((key, facts)) => Ok((Open { generation: state.generation, session, key }, facts)),
-        Err((e, refused)) => {
-            if let (true, TokenError::Call { code, .. }) = (refused, &e) {
-                state.refused.insert(refusal, code.clone());
-            }
+        Err(e) => {
             if let Err(e) = session.close() {
                 tracing::debug!("C_CloseSession: {e}");
             }
@@ -605,21 +642,8 @@ fn find_token(ctx: &Pkcs11, uri: &KeyUri) -> Result<(Slot, KeyFacts), TokenError
     }
 }
 
-/// Logs in and finds the key; the error says whether the token refused the PIN.
-fn login_and_find(
-    session: &Session,
-    uri: &KeyUri,
-    pin: &SecretString,
-    token: &KeyFacts,
-) -> Result<(ObjectHandle, KeyFacts), (TokenError, bool)> {
-    let plain = |e| (TokenError::call(e), false);
-    match session.login(UserType::User, Some(pin)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(CkError::Pkcs11(rv, f)) if is_pin_refusal(rv) => {
-            return Err((TokenError::call(CkError::Pkcs11(rv, f)), true));
-        }
-        Err(e) => return Err(plain(e)),
-    }
+/// Finds the one RSA private key the URI names, after login, and reads its facts.
+fn find_key(session: &Session, uri: &KeyUri, token: &KeyFacts) -> Result<(ObjectHandle, KeyFacts), TokenError> {
     let mut template = vec![Attribute::Class(ObjectClass::PRIVATE_KEY)];
     if let Some(label) = &uri.object {
         template.push(Attribute::Label(label.as_bytes().to_vec()));
@@ -627,15 +651,16 @@ fn login_and_find(
     if let Some(id) = &uri.id {
         template.push(Attribute::Id(id.clone()));
     }
-    let found = session.find_objects(&template).map_err(plain)?;
+    let found = session.find_objects(&template).map_err(TokenError::call)?;
     let key = match found.as_slice() {
         [one] => *one,
-        [] => return Err((TokenError::NoObject { wanted: uri.wanted(), token: token.token.clone() }, false)),
+        [] => return Err(TokenError::NoObject { wanted: uri.wanted(), token: token.token.clone() }),
         many => {
-            return Err((
-                TokenError::ManyObjects { count: many.len(), wanted: uri.wanted(), token: token.token.clone() },
-                false,
-            ));
+            return Err(TokenError::ManyObjects {
+                count: many.len(),
+                wanted: uri.wanted(),
+                token: token.token.clone(),
+            });
         }
     };
     let wanted = [
@@ -648,7 +673,7 @@ fn login_and_find(
     ];
     let mut facts = token.clone();
     let mut rsa = false;
-    for attribute in session.get_attributes(key, &wanted).map_err(plain)? {
+    for attribute in session.get_attributes(key, &wanted).map_err(TokenError::call)? {
         match attribute {
             Attribute::KeyType(t) => rsa = t == KeyType::RSA,
             Attribute::Label(l) => facts.label = String::from_utf8_lossy(&l).into_owned(),
@@ -660,7 +685,7 @@ fn login_and_find(
         }
     }
     if !rsa {
-        return Err((TokenError::NotRsa { token: token.token.clone() }, false));
+        return Err(TokenError::NotRsa { token: token.token.clone() });
     }
     Ok((key, facts))
 }

@@ -16,6 +16,7 @@ mod failures;
 mod hostile;
 mod layers;
 mod operations;
+mod pkcs11;
 mod readme;
 mod refresh;
 mod reload;
