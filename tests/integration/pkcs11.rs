@@ -488,3 +488,200 @@ async fn the_token_taken_away_and_given_back_under_traffic() {
     }
     assert!(idp.token_requests().await > requests_before);
 }
+
+/// A software TPM 2.0 (`swtpm`) behind a resource manager (`tpm2-abrmd` on a D-Bus session bus of its
+/// own: without one, `tpm2_ptool` runs the TPM out of object contexts, TPM error 0x902), with a
+/// `tpm2-pkcs11` store holding token `tokend` and the non-extractable RSA key `sp-key` made in the TPM.
+struct Tpm {
+    dir: tempfile::TempDir,
+    children: Vec<std::process::Child>,
+}
+
+const TPM2_PKCS11: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so";
+
+impl Tpm {
+    fn new() -> Self {
+        for (tool, package) in [
+            ("/usr/bin/swtpm", "swtpm"),
+            ("/usr/sbin/tpm2-abrmd", "tpm2-abrmd"),
+            ("/usr/bin/dbus-daemon", "dbus"),
+            ("/usr/bin/tpm2_ptool", "libtpm2-pkcs11-tools"),
+            (TPM2_PKCS11, "libtpm2-pkcs11-1"),
+            ("/usr/bin/pkcs11-tool", "opensc"),
+        ] {
+            assert!(
+                Path::new(tool).exists(),
+                "{tool} is missing: apt-get install {package} (scripts/test.sh installs swtpm, tpm2-abrmd, dbus, \
+                 libtpm2-pkcs11-1, libtpm2-pkcs11-tools, libtss2-tcti-swtpm0, libtss2-tcti-tabrmd0)"
+            );
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in ["state", "store"] {
+            std::fs::create_dir(dir.path().join(d)).expect("mkdir");
+        }
+        let mut tpm = Self { dir, children: Vec::new() };
+        let port = free_port();
+        let (state, bus) = (tpm.path("state"), tpm.path("bus"));
+        let spawn = |tpm: &mut Self, program: &str, args: &[String]| {
+            let log = std::fs::File::create(tpm.path(&format!("{}.log", program.rsplit('/').next().expect("name"))))
+                .expect("log");
+            let child = Command::new(program)
+                .args(args)
+                .envs(tpm.env())
+                .stdout(log.try_clone().expect("dup"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("{program}: {e}"));
+            tpm.children.push(child);
+        };
+        spawn(
+            &mut tpm,
+            "swtpm",
+            &[
+                "socket".into(),
+                "--tpm2".into(),
+                "--tpmstate".into(),
+                format!("dir={}", state.display()),
+                "--server".into(),
+                format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+                "--ctrl".into(),
+                // The swtpm TCTI expects the control channel on the next port.
+                format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
+                "--flags".into(),
+                "not-need-init,startup-clear".into(),
+            ],
+        );
+        spawn(
+            &mut tpm,
+            "dbus-daemon",
+            &["--session".into(), "--nofork".into(), format!("--address=unix:path={}", bus.display())],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !tpm.path("bus").exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "swtpm or dbus-daemon did not start: {}", tpm.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        spawn(
+            &mut tpm,
+            "tpm2-abrmd",
+            &["--session".into(), format!("--tcti=swtpm:host=127.0.0.1,port={port}"), "--allow-root".into()],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let store = tpm.path("store").display().to_string();
+        while !tpm.try_run(&format!("tpm2_ptool init --path={store}")) {
+            assert!(Instant::now() < deadline, "tpm2-abrmd did not come up: {}", tpm.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        tpm.run(&format!("tpm2_ptool addtoken --path={store} --pid=1 --label=tokend --userpin={PIN} --sopin=5678"));
+        tpm.run(&format!(
+            "tpm2_ptool addkey --path={store} --label=tokend --key-label=sp-key --userpin={PIN} --algorithm=rsa2048"
+        ));
+        // Debian 12's OpenSSL engine cannot log into a tpm2-pkcs11 token (C_Login: "General Error" in
+        // libp11's p11_slot.c), so the certificate is issued for the TPM key's public key by a
+        // throw-away CA (-force_pubkey): the IdP, like Entra, checks the thumbprint and the signature
+        // with the certificate's key, not who signed the certificate.
+        tpm.run(&format!(
+            "pkcs11-tool --module {TPM2_PKCS11} --token-label tokend --login --pin {PIN} --read-object --type pubkey \
+             --label sp-key -o pub.der && openssl pkey -pubin -inform DER -in pub.der -out pub.pem && \
+             openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 365 -subj /CN=throwaway-ca \
+             2>/dev/null && openssl req -new -key ca.key -subj /CN=tokend-tpm 2>/dev/null | openssl x509 -req \
+             -CA ca.crt -CAkey ca.key -force_pubkey pub.pem -days 365 -out tpm.crt 2>/dev/null && rm ca.key"
+        ));
+        std::fs::write(tpm.path("pin"), format!("{PIN}\n")).expect("pin");
+        tpm
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DBUS_SESSION_BUS_ADDRESS", format!("unix:path={}", self.path("bus").display())),
+            ("TPM2TOOLS_TCTI", "tabrmd:bus_type=session".to_owned()),
+            ("TPM2_PKCS11_TCTI", "tabrmd:bus_type=session".to_owned()),
+            ("TPM2_PKCS11_STORE", self.path("store").display().to_string()),
+        ]
+    }
+
+    fn try_run(&self, script: &str) -> bool {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(self.dir.path())
+            .envs(self.env())
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    fn run(&self, script: &str) {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(self.dir.path())
+            .envs(self.env())
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{script}: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn logs(&self) -> String {
+        ["swtpm.log", "dbus-daemon.log", "tpm2-abrmd.log"]
+            .iter()
+            .map(|l| format!("{l}: {}", std::fs::read_to_string(self.path(l)).unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Tpm {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tpm_key_through_tpm2_pkcs11_on_swtpm_signs_for_the_idp() {
+    let tpm = Tpm::new();
+    let idp = Idp::start_with_cert(3600, &tpm.path("tpm.crt")).await;
+    let env = tpm.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for alg in ["PS256", "RS256"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let credential = format!(
+            "certificate_file = {:?}\ncertificate_key = \"pkcs11:token=tokend;object=sp-key;type=private?module-path={TPM2_PKCS11}&pin-source=file:{}\"\nassertion_alg = \"{alg}\"\n",
+            tpm.path("tpm.crt"),
+            tpm.path("pin").display()
+        );
+        let (config, port) = config(dir.path(), &idp.token_url(), &credential);
+        let out = Command::new(tokend_bin())
+            .args(["check", "--config"])
+            .arg(&config)
+            .envs(env.iter().copied())
+            .output()
+            .expect("check");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            stdout.lines().any(|l| l.starts_with("key   ")
+                && l.contains("(IBM)")
+                && l.contains("sensitive, not extractable (never was)")),
+            "the key is in the (software) TPM: {stdout}"
+        );
+        let t = Tokend::spawn(dir, config, port, &env).await;
+        let r = t.imds(Q).await;
+        assert_eq!(r.status(), 200, "{alg}: {}", t.logs());
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(jwt_claims(v["access_token"].as_str().expect("token"))["client_id"], "broker-cert");
+        assert_eq!(last_assertion_header(&idp).await["alg"], alg);
+    }
+}
