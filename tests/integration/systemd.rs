@@ -277,7 +277,11 @@ async fn tokend_runs_properly_under_real_systemd_257_debian_13() {
     tokend_under_real_systemd("TOKEND_TEST_NSPAWN_ROOT_13", "systemd 257").await;
 }
 
+/// One container at a time: they share the veth addresses, the namespace name and two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn tokend_under_real_systemd(root_var: &str, systemd: &str) {
+    let _one = ONE_AT_A_TIME.lock().await;
     let cached = required_path(root_var, "the Debian root file system (scripts/nspawn-rootfs.sh)");
     let net = Net::new();
     let idp = Idp::start_in_netns(&net.name, "10.253.77.2", 3600).await;
