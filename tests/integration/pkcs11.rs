@@ -520,7 +520,6 @@ impl Tpm {
             std::fs::create_dir(dir.path().join(d)).expect("mkdir");
         }
         let mut tpm = Self { dir, children: Vec::new() };
-        let port = free_port();
         let (state, bus) = (tpm.path("state"), tpm.path("bus"));
         let spawn = |tpm: &mut Self, program: &str, args: &[String]| {
             let log = std::fs::File::create(tpm.path(&format!("{}.log", program.rsplit('/').next().expect("name"))))
@@ -534,31 +533,56 @@ impl Tpm {
                 .unwrap_or_else(|e| panic!("{program}: {e}"));
             tpm.children.push(child);
         };
-        spawn(
-            &mut tpm,
-            "swtpm",
-            &[
-                "socket".into(),
-                "--tpm2".into(),
-                "--tpmstate".into(),
-                format!("dir={}", state.display()),
-                "--server".into(),
-                format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-                "--ctrl".into(),
-                // The swtpm TCTI expects the control channel on the next port.
-                format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
-                "--flags".into(),
-                "not-need-init,startup-clear".into(),
-            ],
-        );
+        // The swtpm TCTI expects the control channel on the next port: a pair of free ports, tried
+        // again when another test took one of them meanwhile.
+        let mut port = 0;
+        for attempt in 0.. {
+            port = free_port();
+            if std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_err() {
+                continue;
+            }
+            spawn(
+                &mut tpm,
+                "swtpm",
+                &[
+                    "socket".into(),
+                    "--tpm2".into(),
+                    "--tpmstate".into(),
+                    format!("dir={}", state.display()),
+                    "--server".into(),
+                    format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+                    "--ctrl".into(),
+                    format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
+                    "--flags".into(),
+                    "not-need-init,startup-clear".into(),
+                ],
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let exited = loop {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break false;
+                }
+                let swtpm = tpm.children.last_mut().expect("swtpm");
+                if swtpm.try_wait().ok().flatten().is_some() {
+                    break true;
+                }
+                assert!(Instant::now() < deadline, "swtpm did not start: {}", tpm.logs());
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            if !exited {
+                break;
+            }
+            tpm.children.pop();
+            assert!(attempt < 5, "swtpm cannot listen: {}", tpm.logs());
+        }
         spawn(
             &mut tpm,
             "dbus-daemon",
             &["--session".into(), "--nofork".into(), format!("--address=unix:path={}", bus.display())],
         );
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !tpm.path("bus").exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "swtpm or dbus-daemon did not start: {}", tpm.logs());
+        while !tpm.path("bus").exists() {
+            assert!(Instant::now() < deadline, "dbus-daemon did not start: {}", tpm.logs());
             std::thread::sleep(Duration::from_millis(50));
         }
         spawn(
