@@ -52,6 +52,16 @@ command -v logrotate >/dev/null 2>&1 || missing+=(logrotate)
 command -v podman >/dev/null 2>&1 || missing+=(podman)
 command -v runc >/dev/null 2>&1 || missing+=(runc)
 command -v catatonit >/dev/null 2>&1 || [[ -x /usr/libexec/podman/catatonit ]] || missing+=(catatonit)
+[[ -e /usr/lib/softhsm/libsofthsm2.so ]] || missing+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || missing+=(opensc)
+[[ -n "$(find /usr/lib -name pkcs11.so -path '*engines*' 2>/dev/null | head -1)" ]] || missing+=(libengine-pkcs11-openssl)
+command -v swtpm >/dev/null 2>&1 || missing+=(swtpm)
+command -v tpm2-abrmd >/dev/null 2>&1 || missing+=(tpm2-abrmd)
+command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus)
+command -v tpm2_ptool >/dev/null 2>&1 || missing+=(libtpm2-pkcs11-tools)
+[[ -e /usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so ]] || missing+=(libtpm2-pkcs11-1)
+[[ -n "$(find /usr/lib -name 'libtss2-tcti-swtpm.so*' 2>/dev/null | head -1)" ]] || missing+=(libtss2-tcti-swtpm0)
+[[ -n "$(find /usr/lib -name 'libtss2-tcti-tabrmd.so*' 2>/dev/null | head -1)" ]] || missing+=(libtss2-tcti-tabrmd0)
 if ((${#missing[@]})); then
     if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         banner "Installing Debian packages: ${missing[*]}"
@@ -128,12 +138,17 @@ banner "cargo build --locked --manifest-path tests/clients/rust/Cargo.toml --tar
 cargo build --locked --manifest-path tests/clients/rust/Cargo.toml --target-dir target/rust-sdk-client
 export TOKEND_TEST_RUST_SDK=$ROOT/target/rust-sdk-client/debug/rust_sdk_token
 
-# The real-systemd test boots a Debian root file system (built once with mmdebstrap, cached under
-# target/nspawn) with the release binary installed.
-banner "Debian root file system for the systemd test (scripts/nspawn-rootfs.sh)"
-TOKEND_TEST_NSPAWN_ROOT=$ROOT/$(scripts/nspawn-rootfs.sh target/nspawn)
-export TOKEND_TEST_NSPAWN_ROOT
-echo "$TOKEND_TEST_NSPAWN_ROOT"
+# The real-systemd test boots two Debian root file systems (built once with mmdebstrap, cached under
+# target/nspawn), Debian 12 (systemd 252) and Debian 13 (systemd 257): the credential directory's
+# modes differ between them. Both are built at once (mostly downloads and dpkg).
+banner "Debian 12 and 13 root file systems for the systemd test (scripts/nspawn-rootfs.sh)"
+scripts/nspawn-rootfs.sh target/nspawn trixie >target/nspawn-trixie.path &
+trixie=$!
+TOKEND_TEST_NSPAWN_ROOT_12=$ROOT/$(scripts/nspawn-rootfs.sh target/nspawn bookworm)
+wait "$trixie" || die "cannot build the Debian 13 root: scripts/nspawn-rootfs.sh target/nspawn trixie"
+TOKEND_TEST_NSPAWN_ROOT_13=$ROOT/$(cat target/nspawn-trixie.path)
+export TOKEND_TEST_NSPAWN_ROOT_12 TOKEND_TEST_NSPAWN_ROOT_13
+echo "$TOKEND_TEST_NSPAWN_ROOT_12 $TOKEND_TEST_NSPAWN_ROOT_13"
 
 # One release build serves the systemd test and the container image: static (+crt-static, with an
 # explicit --target so that build scripts and proc macros stay dynamic), as the Dockerfile builds it.

@@ -221,6 +221,9 @@ pub async fn check(config: &Path, resource: Option<&str>) -> Result<bool, Error>
             identity.credential.origin(),
             identity.token_url
         );
+        if let Some(location) = identity.credential.key_location() {
+            println!("key   identity {:?}: {location}", identity.name);
+        }
         match idp.fetch(identity, &resource).await {
             Ok(t) => println!("ok    {what}: token for {resource} valid for {}s", t.expires_in.as_secs()),
             Err(e) => {

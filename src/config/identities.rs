@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use super::raw::RawIdentity;
 use super::validate::Validator;
 use super::{ConfigError, DEFAULT_AUTHORITY_HOST};
-use crate::credential::{AssertionAlg, ClientCredential, CredentialSpec, FileSpec, LoadError, SecretSpec};
+use crate::credential::{
+    AssertionAlg, ClientCredential, CredentialSpec, FileSpec, KeyUri, LoadError, SecretSpec, TokenKeySpec,
+};
 use crate::identity::{Identity, TokenApi};
 use crate::resource::Resource;
 
@@ -74,7 +76,16 @@ impl Validator<'_> {
     /// A file named in the configuration: resolved against the file's directory.
     fn file(&self, key: String, path: &Path) -> FileSpec {
         let path = self.resolve(path);
-        FileSpec { origin: format!("file {}", path.display()), path, key }
+        FileSpec { origin: format!("file {}", path.display()), systemd: self.is_systemd_credential(&path), path, key }
+    }
+
+    /// Whether `path` is inside `$CREDENTIALS_DIRECTORY` (compared by components; a path with `..`
+    /// never is): such a file is systemd's, whatever setting names it.
+    fn is_systemd_credential(&self, path: &Path) -> bool {
+        let Some(dir) = nonempty((self.env)("CREDENTIALS_DIRECTORY")) else { return false };
+        let lexical = |p: &Path| !p.components().any(|c| matches!(c, std::path::Component::ParentDir));
+        let dir = Path::new(&dir);
+        dir.is_absolute() && lexical(dir) && lexical(path) && path.starts_with(dir) && path != dir
     }
 
     /// `$CREDENTIALS_DIRECTORY/NAME` for a systemd credential named by `key`.
@@ -88,7 +99,12 @@ impl Validator<'_> {
                 "CREDENTIALS_DIRECTORY is not set; systemd sets it for units with LoadCredential=/SetCredential=",
             )
         })?;
-        Ok(FileSpec { path: Path::new(&dir).join(name), key, origin: format!("systemd credential {name}") })
+        Ok(FileSpec {
+            path: Path::new(&dir).join(name),
+            key,
+            origin: format!("systemd credential {name}"),
+            systemd: true,
+        })
     }
 
     /// Exactly one credential source per identity; certificate-only settings only with a certificate.
@@ -116,6 +132,7 @@ impl Validator<'_> {
             }
         }
         let cert_only = [
+            ("certificate_key", raw.certificate_key.is_some()),
             ("certificate_password_file", raw.certificate_password_file.is_some()),
             ("certificate_password_credential", raw.certificate_password_credential.is_some()),
             ("assertion_alg", raw.assertion_alg.is_some()),
@@ -143,6 +160,28 @@ impl Validator<'_> {
             (None, Some(name)) => self.systemd_credential(k("certificate_credential"), name)?,
             (None, None) => unreachable!("exactly one credential source was checked above"),
         };
+        let alg = match raw.assertion_alg.as_deref() {
+            None | Some("PS256") => AssertionAlg::Ps256,
+            Some("RS256") => AssertionAlg::Rs256,
+            Some(other) => return Err(self.err(k("assertion_alg"), format!("{other:?} is not \"PS256\" or \"RS256\""))),
+        };
+        let send_chain = raw.send_certificate_chain.unwrap_or(false);
+        if let Some(text) = &raw.certificate_key {
+            if let Some(p) = [
+                ("certificate_password_file", raw.certificate_password_file.is_some()),
+                ("certificate_password_credential", raw.certificate_password_credential.is_some()),
+            ]
+            .iter()
+            .find_map(|(name, on)| on.then_some(*name))
+            {
+                return Err(self.err(
+                    k(p),
+                    "conflicts with certificate_key: the key is on the token; its PIN comes from pin-source",
+                ));
+            }
+            let key = Box::new(self.token_key(k("certificate_key"), text)?);
+            return Ok(CredentialSpec::TokenCertificate { file, key, alg, send_chain });
+        }
         let password = match (&raw.certificate_password_file, &raw.certificate_password_credential) {
             (Some(_), Some(_)) => {
                 return Err(self.err(k("certificate_password_credential"), "conflicts with certificate_password_file"));
@@ -153,12 +192,26 @@ impl Validator<'_> {
             }
             (None, None) => None,
         };
-        let alg = match raw.assertion_alg.as_deref() {
-            None | Some("PS256") => AssertionAlg::Ps256,
-            Some("RS256") => AssertionAlg::Rs256,
-            Some(other) => return Err(self.err(k("assertion_alg"), format!("{other:?} is not \"PS256\" or \"RS256\""))),
+        Ok(CredentialSpec::Certificate { file, password, alg, send_chain })
+    }
+
+    /// `certificate_key`: the RFC 7512 URI, its `pin-source` resolved — `file:PATH` or a bare path
+    /// (relative to the configuration file's directory), or `credential:NAME`
+    /// (`$CREDENTIALS_DIRECTORY/NAME`, e.g. from `LoadCredentialEncrypted=`).
+    fn token_key(&self, key: String, text: &str) -> Result<TokenKeySpec, ConfigError> {
+        let uri = KeyUri::parse(text).map_err(|e| self.err(&key, format!("{text:?}: {e}")))?;
+        let pin_key = format!("{key} pin-source");
+        let pin = if let Some(name) = uri.pin_source.strip_prefix("credential:") {
+            self.systemd_credential(pin_key, name)?
+        } else {
+            let path = uri.pin_source.strip_prefix("file://").or_else(|| uri.pin_source.strip_prefix("file:"));
+            let path = path.unwrap_or(&uri.pin_source);
+            if path.is_empty() || (uri.pin_source.contains(':') && !uri.pin_source.starts_with("file:")) {
+                return Err(self.err(pin_key, format!("{:?} is not file:PATH or credential:NAME", uri.pin_source)));
+            }
+            self.file(pin_key, Path::new(path))
         };
-        Ok(CredentialSpec::Certificate { file, password, alg, send_chain: raw.send_certificate_chain.unwrap_or(false) })
+        Ok(TokenKeySpec { uri, key, pin })
     }
 
     /// The one identity of a configuration without `[[identity]]`, from the Azure SDK variables.
@@ -179,6 +232,7 @@ impl Validator<'_> {
         let client_id = need("AZURE_CLIENT_ID")?;
         let from_env = |key: &str, path: String| FileSpec {
             origin: format!("environment {key}"),
+            systemd: self.is_systemd_credential(Path::new(&path)),
             path: PathBuf::from(path),
             key: key.to_owned(),
         };

@@ -179,8 +179,12 @@ pub(super) struct RawIdentity {
     pub client_secret_file: Option<PathBuf>,
     /// systemd credential (`LoadCredential=`) holding the client secret: `$CREDENTIALS_DIRECTORY/NAME`.
     pub client_secret_credential: Option<String>,
-    /// Certificate: PEM (certificate + unencrypted key) or PKCS#12 (`.pfx`/`.p12`).
+    /// Certificate: PEM (certificate + unencrypted key) or PKCS#12 (`.pfx`/`.p12`); with
+    /// `certificate_key`, a PEM of the certificate (chain allowed) alone.
     pub certificate_file: Option<PathBuf>,
+    /// The certificate's private key on a PKCS#11 token, as an RFC 7512 URI with `module-path` and
+    /// `pin-source` (`file:PATH` or `credential:NAME`): each assertion is signed on the token.
+    pub certificate_key: Option<String>,
     /// systemd credential holding the certificate.
     pub certificate_credential: Option<String>,
     /// File holding the PKCS#12 password.

@@ -58,6 +58,20 @@ fn shipped_example_parses() {
     assert!(text.contains(audit), "the example documents [audit] on_failure");
     let c = d.load(&text.replace(audit, "[audit]\npath = \"audit.jsonl\"\non_failure")).expect("valid");
     assert_eq!(c.audit.map(|a| a.on_failure), Some(crate::audit::OnFailure::Drop));
+    // The commented token key, uncommented, is spelled as tokend reads it: the load gets as far as
+    // the (here absent) PKCS#11 module.
+    let mut token = text.replace("\nclient_secret_file = \"secret\"", "\n");
+    for line in ["# certificate_file = \"/etc/tokend/sp.crt\"", "# certificate_key = \"pkcs11:"] {
+        token = token.replace(line, line.trim_start_matches("# "));
+    }
+    let creds = d.0.path().to_str().expect("utf8").to_owned();
+    std::fs::write(d.0.path().join("hsm-pin"), "1234\n").expect("write");
+    let env = move |name: &str| (name == "CREDENTIALS_DIRECTORY").then(|| creds.clone());
+    std::fs::write(d.0.path().join("sp.crt"), "read; parsed only once the key is found").expect("write");
+    let token = token.replace("/usr/lib/softhsm/libsofthsm2.so", "/nonexistent/libsofthsm2.so");
+    let token = token.replace("/etc/tokend/sp.crt", "sp.crt");
+    let m = message(Config::from_toml(&token, &d.0.path().join("tokend.toml"), &env));
+    assert!(m.contains("identity[0].certificate_key") && m.contains("cannot load the PKCS#11 module"), "{m}");
 }
 
 #[test]
@@ -308,4 +322,40 @@ fn every_independent_problem_is_reported_at_once() {
     // One problem reads as before.
     let m = message(d.load(&format!("[tokens]\nmin_lifetime = \"soon\"\n{MINIMAL}")));
     assert!(!m.contains("problems:") && m.contains("tokens.min_lifetime"), "{m}");
+}
+
+/// systemd creates `LoadCredential=` files read-only in a directory private to the unit (257: mode
+/// 0440, 252: 0400); the operator cannot chmod them, so a mode warning there is noise that teaches
+/// operators to ignore warnings. Any other file keeps the warning.
+#[test]
+fn systemd_credentials_get_no_mode_warning_other_files_do() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Dir::new();
+    let creds = d.0.path().join("credentials");
+    std::fs::create_dir(&creds).expect("mkdir");
+    std::fs::write(creds.join("client-secret"), "s3cret-value\n").expect("write");
+    std::fs::set_permissions(creds.join("client-secret"), std::fs::Permissions::from_mode(0o440)).expect("chmod");
+    let dir = creds.to_str().expect("utf8").to_owned();
+    let env = move |name: &str| (name == "CREDENTIALS_DIRECTORY").then(|| dir.clone());
+    let path = d.0.path().join("tokend.toml");
+    let by_name = "[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_credential = \"client-secret\"\n";
+    let c = Config::from_toml(by_name, &path, &env).expect("valid");
+    assert!(c.warnings.is_empty(), "a systemd credential is systemd's: {:?}", c.warnings);
+    // The same file named by its path is still systemd's.
+    let by_path = format!(
+        "[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_file = \"{}\"\n",
+        creds.join("client-secret").display()
+    );
+    let c = Config::from_toml(&by_path, &path, &env).expect("valid");
+    assert!(c.warnings.is_empty(), "under $CREDENTIALS_DIRECTORY: {:?}", c.warnings);
+    // A path that only looks as if it were inside, and any file elsewhere, keep the warning.
+    let escaping = format!(
+        "[[identity]]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_file = \"{}/../secret\"\n",
+        creds.display()
+    );
+    std::fs::set_permissions(d.0.path().join("secret"), std::fs::Permissions::from_mode(0o440)).expect("chmod");
+    let c = Config::from_toml(&escaping, &path, &env).expect("valid");
+    assert!(c.warnings.iter().any(|w| w.contains("chmod 600")), "{:?}", c.warnings);
+    let c = Config::from_toml(MINIMAL, &path, &env).expect("valid");
+    assert!(c.warnings.iter().any(|w| w.contains("chmod 600")), "{:?}", c.warnings);
 }

@@ -10,6 +10,7 @@
 //! [`spec`] separates what the configuration says (pure) from loading it (files, PEM/PKCS#12, test-signing).
 
 mod certificate;
+mod pkcs11;
 mod spec;
 
 use std::fmt;
@@ -19,8 +20,9 @@ use std::sync::Arc;
 use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 
-pub(crate) use certificate::{AssertionAlg, Certificate, CertificateError};
-pub(crate) use spec::{CredentialSpec, FileSpec, LoadError, SecretSpec};
+pub(crate) use certificate::{AssertionAlg, Certificate, CertificateError, SignError};
+pub(crate) use pkcs11::{KeyUri, TokenError};
+pub(crate) use spec::{CredentialSpec, FileSpec, LoadError, SecretSpec, TokenKeySpec};
 
 use crate::secret::{SecretFileError, read_secret_file};
 
@@ -51,9 +53,18 @@ pub(crate) enum CredentialError {
         #[source]
         source: CertificateError,
     },
+    /// The key on a PKCS#11 token cannot be used (the message names the call and its `CKR_` code).
+    #[error("PKCS#11 key {uri}: {source}")]
+    TokenKey {
+        /// The key's URI (it holds no PIN).
+        uri: String,
+        /// Why.
+        #[source]
+        source: TokenError,
+    },
     /// Signing a client assertion failed.
     #[error("cannot sign a client assertion: {0}")]
-    Assertion(#[source] jsonwebtoken::errors::Error),
+    Assertion(#[source] SignError),
 }
 
 /// How an identity proves itself to the IdP.
@@ -97,6 +108,26 @@ impl ClientCredential {
         match self {
             Self::Secret { origin, .. } | Self::Certificate { origin, .. } | Self::Federated { origin, .. } => origin,
         }
+    }
+
+    /// Where a certificate's private key lives, when that is on a PKCS#11 token: token, object and
+    /// whether the token keeps it (sensitive, not extractable), for `tokend check`.
+    pub(crate) fn key_location(&self) -> Option<String> {
+        let Self::Certificate { cert, .. } = self else { return None };
+        let key = cert.token_key()?;
+        let f = key.facts();
+        Some(format!(
+            "private key {:?} (id {}) on PKCS#11 token {:?} ({}, serial {}), module {}: {}, {}{}",
+            f.label,
+            if f.id.is_empty() { "none" } else { &f.id },
+            f.token,
+            f.model,
+            f.serial,
+            key.uri().module.display(),
+            if f.sensitive { "sensitive" } else { "NOT sensitive" },
+            if f.extractable { "EXTRACTABLE" } else { "not extractable" },
+            if f.never_extractable { " (never was)" } else { "" },
+        ))
     }
 
     /// When the credential stops working, if it says (a certificate's `notAfter`).

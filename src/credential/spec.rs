@@ -8,7 +8,8 @@ use std::time::SystemTime;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{AssertionAlg, Certificate, ClientCredential, CredentialError};
+use super::pkcs11::{KeyUri, TokenKey, read_pin_file};
+use super::{AssertionAlg, Certificate, CertificateError, ClientCredential, CredentialError};
 use crate::secret::{read_secret_file, readable_warning};
 
 /// A credential file and the setting that names it.
@@ -20,6 +21,17 @@ pub(crate) struct FileSpec {
     pub(crate) key: String,
     /// How messages describe it: `file /etc/tokend/secret`, `systemd credential NAME`.
     pub(crate) origin: String,
+    /// The file is systemd's (under `$CREDENTIALS_DIRECTORY`: `LoadCredential=`,
+    /// `LoadCredentialEncrypted=`): systemd makes it read-only in a directory private to the unit
+    /// (mode 0400 on systemd 252, 0440 on 257), so its mode is no warning the operator could act on.
+    pub(crate) systemd: bool,
+}
+
+impl FileSpec {
+    /// A warning when others can read this secret file, unless it is systemd's.
+    fn readable_warning(&self) -> Option<String> {
+        if self.systemd { None } else { readable_warning(&self.path, 0o077) }
+    }
 }
 
 /// A secret (client secret or PKCS#12 password): in a file, or given inline by the environment.
@@ -47,8 +59,30 @@ pub(crate) enum CredentialSpec {
         /// Send `x5c`.
         send_chain: bool,
     },
+    /// A certificate (PEM, public part, chain allowed) whose private key is on a PKCS#11 token.
+    TokenCertificate {
+        /// The certificate file.
+        file: FileSpec,
+        /// The key on the token.
+        key: Box<TokenKeySpec>,
+        /// Assertion algorithm.
+        alg: AssertionAlg,
+        /// Send `x5c`.
+        send_chain: bool,
+    },
     /// A federated token file, read on every request (it may not exist yet).
     Federated(FileSpec),
+}
+
+/// A private key on a PKCS#11 token: its URI, the setting that names it and the PIN's file.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenKeySpec {
+    /// The RFC 7512 URI.
+    pub(crate) uri: KeyUri,
+    /// The setting, for errors: `identity[0].certificate_key`.
+    pub(crate) key: String,
+    /// The PIN file (`pin-source`), a systemd credential or a plain file.
+    pub(crate) pin: FileSpec,
 }
 
 /// A loaded credential, the files to watch for rotation and what is worth a warning.
@@ -102,7 +136,52 @@ impl CredentialSpec {
                 let password = password.as_ref().map(|p| p.expose_secret());
                 let cert = Certificate::load(&bytes, password, *alg, *send_chain)
                     .map_err(|source| fail(CredentialError::Certificate { path: file.path.clone(), source }))?;
-                out.warnings.extend(readable_warning(&file.path, 0o077));
+                out.warnings.extend(file.readable_warning());
+                out.warnings.extend(cert.expiry_warning(&file.path, SystemTime::now()));
+                ClientCredential::Certificate { cert: Arc::new(cert), origin: file.origin.clone() }
+            }
+            Self::TokenCertificate { file, key, alg, send_chain } => {
+                out.watched.push(file.path.clone());
+                out.watched.push(key.pin.path.clone());
+                let bytes = std::fs::read(&file.path).map_err(|source| LoadError {
+                    key: file.key.clone(),
+                    cause: CredentialError::ReadCertificate { path: file.path.clone(), source },
+                })?;
+                let pin = read_pin_file(&key.pin.path)
+                    .map_err(|e| LoadError { key: key.pin.key.clone(), cause: e.into() })?;
+                out.warnings.extend(key.pin.readable_warning());
+                let on_key = |source| LoadError {
+                    key: key.key.clone(),
+                    cause: CredentialError::TokenKey { uri: key.uri.to_string(), source },
+                };
+                let token_key = TokenKey::open(key.uri.clone(), pin).map_err(on_key)?;
+                let facts = token_key.facts().clone();
+                let cert = Certificate::on_token(&bytes, token_key, *alg, *send_chain).map_err(|source| {
+                    // The key is at fault when it cannot sign or is not the certificate's.
+                    let at_fault = match source {
+                        CertificateError::Sign(_) | CertificateError::KeyMismatch => &key.key,
+                        _ => &file.key,
+                    };
+                    LoadError {
+                        key: at_fault.clone(),
+                        cause: CredentialError::Certificate { path: file.path.clone(), source },
+                    }
+                })?;
+                if facts.extractable || !facts.sensitive {
+                    out.warnings.push(format!(
+                        "{}: the private key {:?} on PKCS#11 token {:?} is {}: it can be copied off the token; \
+                         generate a new key on the token with CKA_SENSITIVE and without CKA_EXTRACTABLE",
+                        key.key,
+                        facts.label,
+                        facts.token,
+                        match (facts.extractable, facts.sensitive) {
+                            (true, false) => "extractable and not sensitive",
+                            (true, true) => "extractable",
+                            _ => "not sensitive",
+                        }
+                    ));
+                }
+                // The certificate alone is public: no mode warning for it.
                 out.warnings.extend(cert.expiry_warning(&file.path, SystemTime::now()));
                 ClientCredential::Certificate { cert: Arc::new(cert), origin: file.origin.clone() }
             }
@@ -127,7 +206,7 @@ impl Files {
                 self.watched.push(file.path.clone());
                 let secret =
                     read_secret_file(&file.path).map_err(|e| LoadError { key: file.key.clone(), cause: e.into() })?;
-                self.warnings.extend(readable_warning(&file.path, 0o077));
+                self.warnings.extend(file.readable_warning());
                 Ok((secret, file.origin.clone()))
             }
         }
@@ -139,7 +218,12 @@ mod tests {
     use super::*;
 
     fn file(dir: &std::path::Path, name: &str) -> FileSpec {
-        FileSpec { path: dir.join(name), key: format!("identity[0].{name}"), origin: format!("file {name}") }
+        FileSpec {
+            path: dir.join(name),
+            key: format!("identity[0].{name}"),
+            origin: format!("file {name}"),
+            systemd: false,
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod layers;
 mod limits;
 mod netns;
 mod operations;
+mod pkcs11;
 mod readme;
 mod refresh;
 mod reload;

@@ -1,18 +1,23 @@
-//! tokend under real systemd: a throw-away Debian 12 (systemd 252) booted with `systemd-nspawn -b`, the
-//! release binary and the repository's unit files installed as the README says, and the test IdP in the
-//! container's network namespace (its loopback is the container's; the test reaches the IdP's admin
-//! endpoints over a veth pair).
+//! tokend under real systemd: a throw-away Debian 12 (systemd 252) and Debian 13 (systemd 257), each
+//! booted with `systemd-nspawn -b`, the release binary and the repository's unit files installed as the
+//! README says, and the test IdP in the container's network namespace (its loopback is the container's;
+//! the test reaches the IdP's admin endpoints over a veth pair). Both versions, because the credential
+//! directory's modes changed between them (0440 on 257), which is how a false mode warning slipped
+//! through once.
 //!
 //! Asserted: `systemctl start` returns only once the token is cached (the IdP is slowed down on purpose)
 //! while `STATUS=` says what it waits for; `systemctl status` shows the status text; the secret arrives
-//! only through `LoadCredential=`; curl inside the container gets tokens over TCP, the unix socket of
+//! only through credentials — the default identity's encrypted in the container with `systemd-creds
+//! encrypt --with-key=host` and loaded with `LoadCredentialEncrypted=`, a second identity's with
+//! `LoadCredential=` — and no mode warning is logged for either; curl inside the container gets tokens over TCP, the unix socket of
 //! `tokend.socket` and transparent IMDS through `tokend-imds.socket`, with tokend holding no capability;
 //! `systemctl reload` of a broken configuration fails while serving continues, a good one applies; a
 //! process stopped with SIGSTOP is killed by the watchdog and restarted; `systemd-analyze security`
 //! of the installed unit is at most 1.5.
 //!
-//! Needs root, `systemd-nspawn` (systemd-container), the root file system `scripts/nspawn-rootfs.sh`
-//! builds (mmdebstrap) and a release build; `scripts/test.sh` provides all three.
+//! Needs root, `systemd-nspawn` (systemd-container), the root file systems `scripts/nspawn-rootfs.sh`
+//! builds (mmdebstrap; `TOKEND_TEST_NSPAWN_ROOT_12`, `TOKEND_TEST_NSPAWN_ROOT_13`) and a release build;
+//! `scripts/test.sh` provides all three.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -220,11 +225,20 @@ fn install(cached: &Path, dest: &Path, idp: &Idp) {
         "[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\nEnvironment=TOKEND_LOG=info,tokend=debug\n",
     )
     .expect("drop-in");
+    // The encrypted credential of the unit file's comment; the file is encrypted in the booted
+    // container (its host key is made there), before tokend starts.
+    std::fs::write(
+        dropin.join("encrypted.conf"),
+        "[Service]\nLoadCredentialEncrypted=client-secret-enc:/etc/tokend/client-secret.cred\n",
+    )
+    .expect("drop-in");
     std::fs::create_dir_all(dest.join("etc/tokend")).expect("etc/tokend");
     std::fs::write(dest.join("etc/tokend/tokend.toml"), config(idp, &[STORAGE])).expect("config");
-    let secret = dest.join("etc/tokend/client-secret");
-    std::fs::write(&secret, SECRET).expect("secret");
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    for (name, value) in [("client-secret", SECRET), ("client-secret-2", SECRET_2)] {
+        let secret = dest.join("etc/tokend").join(name);
+        std::fs::write(&secret, value).expect("secret");
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    }
     // useradd --system tokend
     for (file, line) in [
         ("etc/passwd", "tokend:x:991:991:tokend:/nonexistent:/usr/sbin/nologin\n"),
@@ -241,9 +255,10 @@ fn config(idp: &Idp, resources: &[&str]) -> String {
     format!(
         "[server]\nlisten = [\"127.0.0.1:50342\", \"169.254.169.254:80\"]\nunix_socket = \"/run/tokend/tokend.sock\"\n\n\
          [[identity]]\nname = \"default\"\nclient_id = \"{CLIENT_ID}\"\ntoken_url = \"{}\"\n\
-         client_secret_credential = \"client-secret\"\nresources = [{}]\n",
+         client_secret_credential = \"client-secret\"\nresources = [{}]\n\n         [[identity]]\nname = \"sealed\"\nclient_id = \"{CLIENT_ID_2}\"\ntoken_url = \"{}\"\n         client_secret_credential = \"client-secret-enc\"\n",
         idp.token_url(),
-        resources.join(", ")
+        resources.join(", "),
+        idp.token_url(),
     )
 }
 
@@ -253,14 +268,33 @@ fn token_via(m: &Machine, curl_args: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn tokend_runs_properly_under_real_systemd() {
-    let cached = required_path("TOKEND_TEST_NSPAWN_ROOT", "the Debian root file system (scripts/nspawn-rootfs.sh)");
+async fn tokend_runs_properly_under_real_systemd_252_debian_12() {
+    tokend_under_real_systemd("TOKEND_TEST_NSPAWN_ROOT_12", "systemd 252").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokend_runs_properly_under_real_systemd_257_debian_13() {
+    tokend_under_real_systemd("TOKEND_TEST_NSPAWN_ROOT_13", "systemd 257").await;
+}
+
+/// One container at a time: they share the veth addresses, the namespace name and two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn tokend_under_real_systemd(root_var: &str, systemd: &str) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cached = required_path(root_var, "the Debian root file system (scripts/nspawn-rootfs.sh)");
     let net = Net::new();
     let idp = Idp::start_in_netns(&net.name, "10.253.77.2", 3600).await;
     let scratch = tempfile::tempdir().expect("tempdir");
     let root = scratch.path().join("root");
     install(&cached, &root, &idp);
     let m = Machine::boot(&root, &net.name, scratch.path().join("nspawn.log"));
+    let manager = m.sh("systemctl --version");
+    assert!(manager.starts_with(&format!("{systemd} ")), "{root_var} boots {systemd}: {manager}");
+    // The secret encrypted with the container's host key (no TPM in a container), as an operator would.
+    m.sh("systemd-creds encrypt --with-key=host --name=client-secret-enc /etc/tokend/client-secret-2 \
+         /etc/tokend/client-secret.cred && chmod 600 /etc/tokend/client-secret.cred && rm /etc/tokend/client-secret-2");
+    assert!(!m.sh("cat /etc/tokend/client-secret.cred").contains(SECRET_2), "encrypted");
     let version = m.sh("tokend --version");
     assert!(version.starts_with("tokend 0.1.0 (commit ") && !version.contains("unknown"), "{version}");
 
@@ -342,7 +376,19 @@ async fn tokend_runs_properly_under_real_systemd() {
             .code()
             != Some(0)
     );
-    assert_eq!(m.sh("ls /run/credentials/tokend.service/").trim(), "client-secret", "LoadCredential= handed it over");
+    assert_eq!(
+        m.sh("ls /run/credentials/tokend.service/").split_whitespace().collect::<Vec<_>>(),
+        ["client-secret", "client-secret-enc"],
+        "LoadCredential= and LoadCredentialEncrypted= handed them over"
+    );
+    // systemd's files in systemd's private directory: not the operator's to chmod, so no warning.
+    let modes = m.sh("stat -c '%a %U %n' /run/credentials/tokend.service /run/credentials/tokend.service/*");
+    eprintln!("{systemd} credential modes:\n{modes}");
+    let sealed = token_via(&m, &format!("'http://127.0.0.1:50342{q}&client_id={CLIENT_ID_2}'"));
+    let claims = jwt_claims(sealed["access_token"].as_str().unwrap_or_else(|| panic!("{sealed}\n{}", m.journal())));
+    assert_eq!(claims["client_id"], CLIENT_ID_2, "the encrypted secret authenticated its identity");
+    let journal = m.sh("journalctl -b --no-pager -u tokend");
+    assert!(!journal.contains("can be read by"), "a false mode warning under {systemd}: {journal}");
 
     // A broken configuration is rejected by `systemctl reload`, and serving continues; a good one applies.
     m.sh(
