@@ -13,8 +13,8 @@
 //!   its request passed the guards and `[access]` allows that identity and resource, and no audit line
 //!   carries one.
 //! - [`idp_response`]: status, `Retry-After`, content type and body through `idp::parse_response`, and a
-//!   parsed token into the cache entry the refresher builds from it. It never panics, and no error
-//!   carries body text that could be a token.
+//!   parsed token into the cache entry the refresher builds from it. It never panics, and an error holds
+//!   no body text but a snake-case error code or a short `token_type` (never a token).
 
 mod wire;
 
@@ -97,17 +97,19 @@ pub fn idp_response(data: &[u8]) {
             let token = crate::token::AccessToken::new(issued, tokio::time::Instant::now(), lifetime / 2);
             assert!(token.expires_on() >= token.not_before(), "a token that expires before it was issued");
         }
-        Err(e) => check_fetch_error(status, body, &e),
+        Err(e) => check_fetch_error(status, &e),
     }
 }
 
-/// Longest run of the body an error may repeat: an OAuth error code is at most 40 characters (and only
-/// `a`–`z` and `_`), a `token_type` is cut to 32.
+/// Longest body text an error may repeat: an OAuth error code is at most 40 characters (and only `a`–`z`
+/// and `_`, so never a JWT); a `token_type` is cut to 32.
 const MAX_ECHO: usize = 40;
 
-/// What a [`FetchError`] from `parse_response` may hold: an OAuth error code in snake case (or `-`), a
-/// status, a bounded detail, and no run of the body longer than [`MAX_ECHO`].
-fn check_fetch_error(status: u16, body: &[u8], e: &FetchError) {
+/// What a [`FetchError`] from `parse_response` may hold: a status, an OAuth error code in snake case (or
+/// `-`), or one of the fixed details, where the only body text is a `token_type` of at most 32
+/// characters. (A check for runs of the body in the error's text cannot tell an echo from a body that
+/// spells the error's own wording, which the fuzzer soon writes.)
+fn check_fetch_error(status: u16, e: &FetchError) {
     match e {
         FetchError::CredentialRejected { status: s, error }
         | FetchError::BadResource { status: s, error }
@@ -120,16 +122,24 @@ fn check_fetch_error(status: u16, body: &[u8], e: &FetchError) {
         FetchError::ServerError { status: s, .. } => assert!(*s == status && status >= 500, "{e}"),
         FetchError::Malformed { detail } => {
             assert!((200..300).contains(&status), "{e}");
-            assert!(detail.len() <= 200, "a long detail: {detail:?}");
+            let fixed = [
+                "no access_token",
+                "expires_in is not a number of seconds",
+                "expires_on is not a number",
+                "neither expires_in nor expires_on",
+            ];
+            let echoed = detail.strip_prefix("token_type ").and_then(|d| d.strip_suffix(" is not Bearer"));
+            let known = fixed.contains(&detail.as_str())
+                || detail.starts_with(&format!("HTTP {status} with a body of "))
+                || detail.starts_with("a lifetime of ")
+                || echoed.is_some_and(|quoted| {
+                    serde_json::from_str::<String>(quoted).is_ok_and(|t| t.chars().count() <= 32)
+                        || quoted.chars().count() <= 32 * 10 + 2
+                });
+            assert!(known && detail.len() <= 200, "an unexpected detail: {detail:?}");
         }
         FetchError::Transport { .. } | FetchError::CredentialUnusable { .. } => {
             panic!("parse_response made a {e:?}")
-        }
-    }
-    for text in [e.to_string(), format!("{e:?}"), e.short()] {
-        let bytes = text.as_bytes();
-        for window in bytes.windows(MAX_ECHO + 1) {
-            assert!(!contains(body, window), "the error repeats {} bytes of the body: {text}", MAX_ECHO + 1);
         }
     }
 }
