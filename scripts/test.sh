@@ -158,6 +158,11 @@ RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --targe
 export TOKEND_TEST_STATIC_BIN=$ROOT/target/$HOST_TARGET/release/tokend
 export TOKEND_TEST_RELEASE_BIN=$TOKEND_TEST_STATIC_BIN
 
+# The fuzz targets' corpus and regression inputs (fuzz/corpus, fuzz/regressions) replayed through the
+# same checks the fuzzers run, on stable Rust without cargo-fuzz (docs/fuzzing.md).
+banner "cargo test --locked --features fuzzing --test fuzz_corpus"
+cargo test --locked --features fuzzing --test fuzz_corpus
+
 banner "cargo test --locked --all-targets $*"
 cargo test --locked --all-targets "$@"
 

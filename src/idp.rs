@@ -21,6 +21,11 @@ use crate::token::{BoxFuture, FetchError, IssuedToken, TokenSource};
 /// Largest token response we read; real ones are a few KiB.
 const MAX_BODY: usize = 256 * 1024;
 
+/// Longest lifetime (or hint) taken from an answer: Entra's tokens live hours, other servers' days. A
+/// longer one is not a token response: no clock could hold its expiry (`expires_in: 1e19` made the cache
+/// entry's `Instant` overflow and panic the refresher; found by the `idp_response` fuzz target).
+const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// The HTTP client for token endpoints.
 #[derive(Debug, Clone)]
 pub(crate) struct IdpClient {
@@ -309,11 +314,19 @@ pub(crate) fn parse_response(
         }
         (None, None) => return Err(malformed("neither expires_in nor expires_on".to_owned())),
     };
+    if expires_in > MAX_LIFETIME {
+        return Err(malformed(format!(
+            "a lifetime of {}s is longer than the {}s any token is taken for",
+            expires_in.as_secs(),
+            MAX_LIFETIME.as_secs()
+        )));
+    }
+    let hint = |n: &Option<Number>| n.as_ref().and_then(Number::seconds).filter(|d| *d <= MAX_LIFETIME);
     Ok(Parsed {
         access_token,
         expires_in,
-        ext_expires_in: wire.ext_expires_in.as_ref().and_then(Number::seconds),
-        refresh_in: wire.refresh_in.as_ref().and_then(Number::seconds),
+        ext_expires_in: hint(&wire.ext_expires_in),
+        refresh_in: hint(&wire.refresh_in),
     })
 }
 
@@ -394,6 +407,22 @@ mod tests {
                 .expect("ascii")
                 .starts_with("grant_type=client_credentials&client_secret=a%2Bb+c%26d%3De")
         );
+    }
+
+    /// Found by the `idp_response` fuzz target (fuzz/regressions/idp_response/): a lifetime beyond any
+    /// clock was accepted, and building its cache entry panicked.
+    #[test]
+    fn a_lifetime_no_clock_can_hold_is_malformed() {
+        for expires in ["1e19", "18446744073709551615", "\"18446744073709551615\"", "315360001"] {
+            let body = format!(r#"{{"token_type":"Bearer","expires_in":{expires},"access_token":"a.b.c"}}"#);
+            assert!(matches!(err(200, &body), FetchError::Malformed { .. }), "{expires}");
+        }
+        let far = r#"{"token_type":"Bearer","expires_on":18446744073709551615,"access_token":"a.b.c"}"#;
+        assert!(matches!(err(200, far), FetchError::Malformed { .. }));
+        let hints =
+            r#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":1e19,"refresh_in":1e19,"access_token":"a"}"#;
+        let p = parse_response(200, None, "", hints.as_bytes()).unwrap_or_else(|e| panic!("valid: {e}"));
+        assert_eq!((p.ext_expires_in, p.refresh_in), (None, None), "hints beyond any lifetime are dropped");
     }
 
     #[test]

@@ -22,6 +22,9 @@ mod daemon;
 mod dev;
 mod dialect;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod identity;
 mod idp;
 mod metrics;
