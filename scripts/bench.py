@@ -238,7 +238,9 @@ def ensure_user(name):
 
 def victim_latency(tokend, user, seconds):
     """Another user's new-connection requests, paced under the rate limit: p50, p90, max in ms."""
-    out = subprocess.run([sys.executable, "-c", VICTIM_LOOP, str(tokend.port), Q, str(seconds), "0.06"],
+    # The system's python: the user's own (pyenv under /root, say) may not be readable by the victim.
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    out = subprocess.run([python, "-c", VICTIM_LOOP, str(tokend.port), Q, str(seconds), "0.06"],
                          user=user, capture_output=True, text=True, check=True).stdout
     got = json.loads(out)
     ms = sorted(got["ms"])
