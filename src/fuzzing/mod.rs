@@ -284,9 +284,10 @@ impl Harness {
         );
         let config =
             crate::config::Config::from_toml(&text, &dir.join("tokend.toml"), &|_| None).expect("the configuration");
-        let audit_path = config.audit_path.clone().expect("[audit] path");
+        let audit_config = config.audit.clone().expect("[audit] path");
         let (tcp, unix) = runtime.block_on(async {
-            let audit = crate::audit::AuditLog::open(&audit_path).expect("open the audit log");
+            let audit =
+                crate::audit::AuditLog::open(&audit_config.path, audit_config.on_failure).expect("open the audit log");
             let broker = crate::broker::Broker::start(
                 &config,
                 IDENTITY_HEADER.to_owned().into(),
@@ -302,7 +303,7 @@ impl Harness {
                 .await
                 .expect("bind the listeners");
             let tcp = listeners.iter().find_map(crate::server::Listener::tcp_addr).expect("a TCP listener");
-            let app = crate::server::router(broker, crate::server::HostPolicy::for_listen(&[tcp]));
+            let app = crate::server::router(broker);
             let (tcp_listener, unix_listener): (Vec<_>, Vec<_>) =
                 listeners.into_iter().partition(|l| l.tcp_addr().is_some());
             // As the daemon serves them, but for the process lookup: the TCP connection without it (so
@@ -317,7 +318,7 @@ impl Harness {
             tokio::spawn(crate::server::serve(unix_listener, app, stop, with_lookup));
             (tcp, dir.join("tokend.sock"))
         });
-        let audit = Audit { path: audit_path, offset: 0, tail: Vec::new(), runs: 0, echoed: false };
+        let audit = Audit { path: audit_config.path.clone(), offset: 0, tail: Vec::new(), runs: 0, echoed: false };
         Self { runtime, tcp, unix, audit: Mutex::new(audit) }
     }
 
