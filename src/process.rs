@@ -92,16 +92,16 @@ impl ProcessLookup {
     }
 
     /// Queues the lookup on the lookup thread, within the budgets; never blocks. A lookup that does not
-    /// fit is marked not looked up.
-    pub(crate) fn start(self: &Arc<Self>) {
+    /// fit is marked not looked up, and `false` says so (the caller counts it).
+    pub(crate) fn start(self: &Arc<Self>) -> bool {
         if self.state.compare_exchange(NEW, QUEUED, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            return;
+            return true;
         }
         let queued = Pool::get().is_some_and(|pool| pool.submit(self));
         if !queued {
             self.state.store(SKIPPED, Ordering::Release);
-            crate::metrics::get().process_lookup_skipped();
         }
+        queued
     }
 
     /// The process, looked up on this thread now if nobody has (it blocks on `/proc`: call it from a

@@ -106,8 +106,9 @@ impl Writer {
                 Some(found) => ProcessSeen::Found(found),
                 None => ProcessSeen::Unavailable(match p.outcome() {
                     Outcome::NotLookedUp => "not_looked_up",
-                    Outcome::Pending => "late",
-                    Outcome::NotFound | Outcome::Found(_) => "not_found",
+                    // Found just after the deadline: late all the same.
+                    Outcome::Pending | Outcome::Found(_) => "late",
+                    Outcome::NotFound => "not_found",
                 }),
             },
         };

@@ -352,7 +352,9 @@ async fn accept_loop<A: Application>(
             Caller::Known { uid, pid, .. } if limits.lookup_processes => {
                 // Started now, while the client is still there; no request waits for it.
                 let lookup = Arc::new(ProcessLookup::new(uid, pid, inode));
-                lookup.start();
+                if !lookup.start() {
+                    crate::metrics::get().process_lookup_skipped();
+                }
                 Some(lookup)
             }
             _ => None,

@@ -435,13 +435,23 @@ async fn every_decision_is_audited_without_tokens() {
         assert_eq!(field(i, "status"), status, "line {i}");
         assert_eq!(field(i, "cache").as_str(), cache, "line {i}");
         // This test process asked (in-process HTTP client): its pid and executable, found from the socket.
+        // The process fields are best effort (looked up off the request path, within budgets): when
+        // they are there they name this process, and when not the line says why.
         let me = std::env::current_exe().expect("exe");
         let caller = field(i, "caller");
         assert_eq!(
-            (&caller["uid"], &caller["user"], &caller["transport"], &caller["pid"], caller["exe"].as_str()),
-            (&0.into(), &"root".into(), &"tcp".into(), &std::process::id().into(), me.to_str()),
+            (&caller["uid"], &caller["user"], &caller["transport"]),
+            (&0.into(), &"root".into(), &"tcp".into()),
             "line {i}"
         );
+        if caller["pid"].is_null() {
+            assert!(
+                ["not_looked_up", "late", "not_found"].contains(&caller["process"].as_str().unwrap_or("")),
+                "line {i}: {caller}"
+            );
+        } else {
+            assert_eq!((&caller["pid"], caller["exe"].as_str()), (&std::process::id().into(), me.to_str()), "line {i}");
+        }
         assert_eq!((field(i, "dialect"), field(i, "identity")), ("imds".into(), "default".into()), "line {i}");
         assert!(field(i, "latency_ms").as_f64().is_some_and(|ms| ms >= 0.0), "line {i}");
         assert!(humantime::parse_rfc3339(field(i, "time").as_str().expect("time")).is_ok(), "line {i}");
@@ -452,13 +462,15 @@ async fn every_decision_is_audited_without_tokens() {
     assert!(field(0, "token").as_str().is_some_and(|f| f.starts_with("sha256:") && f.len() == 19), "{}", lines[0]);
     assert_eq!(field(0, "token"), field(1, "token"), "the same cached token");
     assert!(field(2, "reason").as_str().is_some_and(|r| r.contains("access.rule[0]")), "{}", lines[2]);
+    assert!(lines[..5].iter().any(|l| l["caller"]["pid"] == std::process::id()), "this process is named at least once");
     let curl = &lines[5]["caller"];
-    assert_eq!(
-        (&curl["uid"], &curl["user"], &curl["command"]),
-        (&uid.into(), &"tokendcaller".into(), &"curl".into()),
-        "{curl}"
-    );
-    assert!(curl["exe"].as_str().is_some_and(|e| e.ends_with("/curl")) && curl["pid"].is_u64(), "{curl}");
+    assert_eq!((&curl["uid"], &curl["user"]), (&uid.into(), &"tokendcaller".into()), "{curl}");
+    if curl["pid"].is_u64() {
+        assert_eq!(curl["command"], "curl", "{curl}");
+        assert!(curl["exe"].as_str().is_some_and(|e| e.ends_with("/curl")), "{curl}");
+    } else {
+        eprintln!("curl's process was not looked up in time (best effort): {curl}");
+    }
     assert_eq!(lines[5]["decision"], "issued");
 }
 
